@@ -1,0 +1,33 @@
+"""cffi builder for ``forkserver._fdpass`` (used at build time only).
+
+API mode, compiled against the full CPython API (not ``Py_LIMITED_API``):
+``fdp_fork_sibling`` calls the interpreter's fork hooks.
+"""
+import os
+
+from cffi import FFI
+
+_here = os.path.dirname(os.path.abspath(__file__))
+
+ffibuilder = FFI()
+ffibuilder.cdef(
+    """
+    #define FDP_MAX_FDS 253
+    long fdp_send(int sock, const char *buf, size_t len, const int *fds, int nfds, int flags);
+    long fdp_recv(int sock, char *buf, size_t len, int *fds, int maxfds,
+                  int *nfds_out, int *msg_flags_out, int flags);
+    int fdp_fork_sibling(void);
+    int fdp_gettid(void);
+    """
+)
+ffibuilder.set_source(
+    "forkserver._fdpass",
+    '#include "fdpass.h"',
+    # Relative to the project root, where setup.py runs the build.
+    sources=[os.path.join("_fdpass", "fdpass.c")],
+    include_dirs=[_here],
+    py_limited_api=False,
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

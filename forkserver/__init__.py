@@ -1,0 +1,24 @@
+"""forkserver: cheap, safe child processes for big, multithreaded Python programs.
+
+A small, freshly exec'd *template* interpreter receives commands and file
+descriptors over an AF_UNIX socket and forks children on demand; every child
+is a direct child of your process.  See README.md.
+"""
+from ._errors import (
+    BrokenChannelError,
+    ClosedError,
+    FdTableFullError,
+    ForkserverError,
+    ProtocolError,
+)
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "BrokenChannelError",
+    "ClosedError",
+    "FdTableFullError",
+    "ForkserverError",
+    "ProtocolError",
+    "__version__",
+]

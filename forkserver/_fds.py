@@ -1,0 +1,416 @@
+"""Framed messages with file descriptors over an AF_UNIX stream socket.
+
+The only importer of the C module ``forkserver._fdpass``; used by the parent
+(non-blocking sockets) and by template processes (blocking sockets).
+
+Wire format of one frame::
+
+    header  8 bytes: payload length (u32), fd count (u16), kind (u8), pad
+    payload  `length` bytes
+    carrier  ceil(nfds / 253) times: the byte b"F" sent with up to 253 fds
+
+Kernel facts this relies on (net/unix/af_unix.c, unix_stream_read_generic):
+
+* A ``sendmsg`` with SCM_RIGHTS attaches the fds to the first skb of that
+  send.  The receiver gets them with the *first* ``recvmsg`` that consumes any
+  byte of that skb.
+* A ``recvmsg`` on a stream socket glues the bytes of earlier skbs to the
+  bytes of an fd-carrying skb (it stops *after* it).  A reader that asks for
+  more than the current unit can therefore receive fds together with bytes of
+  an earlier frame.  So we never read past the unit we are in: the header,
+  then exactly the payload, then exactly one carrier byte per fd batch; the
+  sender starts every fd-carrying ``sendmsg`` with its carrier byte.
+* If the receiver's descriptor table is full, the kernel closes the fds it
+  could not install and sets MSG_CTRUNC: they are lost.  Before receiving a
+  carrier we therefore make room by closing *sentinel* descriptors reserved
+  beforehand (the close-dup trick of AnyEvent::FDpasser); if we cannot even
+  reserve them, we leave the fds queued in the kernel and retry later.
+* ``MSG_CMSG_CLOEXEC`` marks received fds close-on-exec atomically.
+* SCM_MAX_FD is 253: a batch with more fds fails with EINVAL, so larger
+  lists are split over several carriers.
+
+Channels are not thread-safe; callers serialise access.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+import threading
+import time
+from collections import deque
+from typing import Deque, Iterable, List, NamedTuple, Optional, Tuple, Union
+
+from ._errors import BrokenChannelError, ClosedError, FdTableFullError, ProtocolError
+from ._fdpass import ffi, lib
+
+__all__ = [
+    "MAX_FDS_PER_MESSAGE",
+    "Frame",
+    "FdChannel",
+    "fork_sibling",
+    "gettid",
+]
+
+MAX_FDS_PER_MESSAGE: int = lib.FDP_MAX_FDS
+HEADER = struct.Struct("=IHBx")
+MAX_PAYLOAD = (1 << 32) - 1
+MAX_FDS_PER_FRAME = (1 << 16) - 1
+_CARRIER = b"F"
+_NOSIGNAL = socket.MSG_NOSIGNAL
+_MSG_CTRUNC = socket.MSG_CTRUNC
+_TABLE_FULL = (errno.EMFILE, errno.ENFILE)
+_BROKEN = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN)
+_BACKOFF_FIRST = 0.001
+_BACKOFF_MAX = 0.1
+
+FdLike = Union[int, "socket.socket", object]
+
+
+class Frame(NamedTuple):
+    """One received message: its ``kind`` byte, ``payload`` and owned ``fds``."""
+
+    kind: int
+    payload: bytes
+    fds: List[int]
+
+
+def _fileno(obj: FdLike) -> int:
+    if isinstance(obj, int):
+        return obj
+    fileno = getattr(obj, "fileno", None)
+    if fileno is None:
+        raise TypeError(f"expected an int fd or an object with fileno(), got {obj!r}")
+    return int(fileno())
+
+
+class _Reserve:
+    """Process-wide sentinel descriptors that keep slots free for incoming fds.
+
+    Shared by every channel of the process: the standing reserve is the
+    largest batch seen so far (at most 253 fds), not 253 per channel.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._spare: List[int] = []
+        self._model = -1
+
+    def _after_fork_child(self) -> None:
+        # The lock may have been held by another thread of the parent.
+        self.lock = threading.Lock()
+
+    def ensure(self, n: int) -> bool:
+        """Hold at least ``n`` sentinels; False if the table is full.  Lock held."""
+        try:
+            if self._model < 0:
+                self._model = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            while len(self._spare) < n:
+                self._spare.append(os.dup(self._model))  # os.dup sets CLOEXEC
+        except OSError as exc:
+            if exc.errno in _TABLE_FULL:
+                return False
+            raise
+        return True
+
+    def release(self, n: int) -> None:
+        """Close ``n`` sentinels so the kernel can install ``n`` fds.  Lock held."""
+        for _ in range(n):
+            os.close(self._spare.pop())
+
+
+_reserve = _Reserve()
+os.register_at_fork(after_in_child=_reserve._after_fork_child)
+
+
+def _raise_errno(what: str, chan: "FdChannel") -> None:
+    err = ffi.errno
+    if err in _BROKEN:
+        raise BrokenChannelError(f"{what} failed on {chan!r}: the peer is gone ({os.strerror(err)})")
+    raise OSError(err, f"{what} on {chan!r}: {os.strerror(err)}")
+
+
+class FdChannel:
+    """A bidirectional, queued channel of frames and fds over an AF_UNIX stream socket.
+
+    ``send`` never blocks on a non-blocking socket: what the kernel does not
+    take now stays queued (call ``flush`` when the socket is writable).
+    ``receive`` returns one complete frame or ``None`` when nothing complete
+    is available yet.  On a blocking socket both calls block instead.
+    fds are sent and received in strict FIFO order and never lost.
+    """
+
+    def __init__(self, sock: socket.socket, *, fd_wait: float = 10.0) -> None:
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            raise ValueError(f"an FdChannel needs an AF_UNIX SOCK_STREAM socket, got {sock!r}")
+        self.sock = sock
+        self._fd = sock.fileno()
+        self._blocking = sock.getblocking()
+        self.fd_wait = fd_wait
+        self._out: Deque[List] = deque()  # [bytearray, fds or None, bytes already sent]
+        # receive state
+        self._hdr = bytearray(HEADER.size)
+        self._hdr_c = ffi.from_buffer(self._hdr)  # never resized, so a lasting export is fine
+        self._hdr_got = 0
+        self._kind = 0
+        self._nfds = 0
+        self._payload: Optional[bytearray] = None
+        self._payload_got = 0
+        self._rx_fds: List[int] = []
+        self._cfds = ffi.new("int[]", MAX_FDS_PER_MESSAGE)
+        self._cnfds = ffi.new("int *")
+        self._cflags = ffi.new("int *")
+        self._carrier = bytearray(1)
+        self._carrier_c = ffi.from_buffer(self._carrier)
+        self._backoff = 0.0
+        self.stalled_until: Optional[float] = None
+        self._stall_deadline: Optional[float] = None  # blocking sockets only
+        self.closed = False
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"fd={self._fd}"
+        return f"<forkserver.FdChannel {state}>"
+
+    def fileno(self) -> int:
+        """The socket's fd (for selectors and event loops)."""
+        return self._fd
+
+    # -- sending -----------------------------------------------------------------
+
+    def send(self, kind: int, payload: bytes = b"", fds: Iterable[FdLike] = ()) -> None:
+        """Queue one frame and try to send it; the fds are duplicated at once.
+
+        The caller may close its own copies of ``fds`` as soon as this returns.
+        """
+        if self.closed:
+            raise ClosedError(f"send on {self!r}: the channel was closed; open a new one")
+        if len(payload) > MAX_PAYLOAD:
+            raise ValueError(f"payload of {len(payload)} bytes is larger than {MAX_PAYLOAD}")
+        fdlist = [_fileno(f) for f in fds]
+        if len(fdlist) > MAX_FDS_PER_FRAME:
+            raise ValueError(f"{len(fdlist)} fds in one frame; at most {MAX_FDS_PER_FRAME}")
+        dups: List[int] = []
+        try:
+            for fd in fdlist:
+                dups.append(os.dup(fd))
+        except BaseException:
+            for fd in dups:
+                os.close(fd)
+            raise
+        self._queue(HEADER.pack(len(payload), len(dups), kind) + payload, None)
+        for i in range(0, len(dups), MAX_FDS_PER_MESSAGE):
+            self._out.append([bytearray(_CARRIER), dups[i : i + MAX_FDS_PER_MESSAGE], 0])
+        self.flush()
+
+    def _queue(self, data: bytes, fds: Optional[List[int]]) -> None:
+        # Bytes without fds may join the previous unit: an fd-carrying sendmsg
+        # still starts with its own carrier byte, which is all the reader needs.
+        if self._out:
+            self._out[-1][0] += data
+        else:
+            self._out.append([bytearray(data), fds, 0])
+
+    @property
+    def pending_output(self) -> bool:
+        """True while queued bytes or fds have not been handed to the kernel."""
+        return bool(self._out)
+
+    def flush(self) -> bool:
+        """Send as much of the queue as the socket takes; True once it is empty."""
+        out = self._out
+        while out:
+            unit = out[0]
+            data, fds, offset = unit
+            nfds = len(fds) if fds else 0
+            cfds = ffi.new("int[]", fds) if nfds else ffi.NULL
+            with ffi.from_buffer(data) as buf:
+                n = lib.fdp_send(self._fd, buf + offset, len(data) - offset, cfds, nfds, _NOSIGNAL)
+            if n < 0:
+                if ffi.errno == errno.EINTR:
+                    continue
+                if ffi.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    return False
+                _raise_errno("sendmsg", self)
+            if fds:
+                # The kernel holds its own references now.
+                for fd in fds:
+                    os.close(fd)
+                unit[1] = None
+            unit[2] += n
+            if unit[2] == len(data):
+                out.popleft()
+        return True
+
+    # -- receiving ---------------------------------------------------------------
+
+    def receive(self) -> Optional[Frame]:
+        """Return the next complete frame, or ``None`` if none is complete yet.
+
+        On a blocking socket this waits for a frame (and raises
+        ``FdTableFullError`` if fd slots stay unavailable for ``fd_wait``
+        seconds, losing nothing).  Raises ``BrokenChannelError`` when the peer
+        has closed the channel, ``ProtocolError`` on a malformed stream.
+        """
+        if self.closed:
+            raise ClosedError(f"receive on {self!r}: the channel was closed; open a new one")
+        while True:
+            if self._hdr_got < HEADER.size:
+                if not self._read_header():
+                    return None
+                continue
+            if self._payload is not None and self._payload_got < len(self._payload):
+                if not self._read_payload():
+                    return None
+                continue
+            if len(self._rx_fds) < self._nfds:
+                if not self._read_carrier():
+                    return None
+                continue
+            return self._complete()
+
+    def _complete(self) -> Frame:
+        payload = bytes(self._payload) if self._payload is not None else b""
+        frame = Frame(self._kind, payload, self._rx_fds)
+        self._hdr_got = 0
+        self._payload = None
+        self._payload_got = 0
+        self._rx_fds = []
+        self._nfds = 0
+        return frame
+
+    def _recv(self, buf, length: int, maxfds: int) -> int:
+        """One recvmsg; returns bytes read, -1 for EAGAIN; raises on EOF/errors."""
+        while True:
+            n = lib.fdp_recv(self._fd, buf, length, self._cfds, maxfds, self._cnfds, self._cflags, 0)
+            if n >= 0:
+                break
+            if ffi.errno == errno.EINTR:
+                continue
+            if ffi.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                return -1
+            _raise_errno("recvmsg", self)
+        if self._cflags[0] & _MSG_CTRUNC:
+            got = [self._cfds[i] for i in range(self._cnfds[0])]
+            self._fail(got, "fds were truncated (MSG_CTRUNC): more than announced, or lost")
+        if n == 0:
+            where = "between frames" if self._hdr_got == 0 else "in the middle of a frame"
+            raise BrokenChannelError(f"{self!r}: the peer closed the channel {where}")
+        return n
+
+    def _fail(self, fds: List[int], why: str) -> None:
+        for fd in fds + self._rx_fds:
+            os.close(fd)
+        self._rx_fds = []
+        raise ProtocolError(f"{self!r}: {why}; close this channel")
+
+    def _read_header(self) -> bool:
+        n = self._recv(self._hdr_c + self._hdr_got, HEADER.size - self._hdr_got, 0)
+        if n < 0:
+            return False
+        self._hdr_got += n
+        if self._hdr_got == HEADER.size:
+            length, self._nfds, self._kind = HEADER.unpack(self._hdr)
+            self._payload = bytearray(length) if length else None
+        return True
+
+    def _read_payload(self) -> bool:
+        assert self._payload is not None
+        with ffi.from_buffer(self._payload) as buf:
+            n = self._recv(buf + self._payload_got, len(self._payload) - self._payload_got, 0)
+        if n < 0:
+            return False
+        self._payload_got += n
+        return True
+
+    def _read_carrier(self) -> bool:
+        now = time.monotonic()
+        if self.stalled_until is not None:
+            if now < self.stalled_until and not self._wait_stall(now):
+                return False
+            self.stalled_until = None
+        want = min(self._nfds - len(self._rx_fds), MAX_FDS_PER_MESSAGE)
+        with _reserve.lock:
+            if not _reserve.ensure(want):
+                self._stall()
+                return False
+            _reserve.release(want)
+            try:
+                n = self._recv(self._carrier_c, 1, want)
+            finally:
+                _reserve.ensure(want)  # best effort; checked again before the next carrier
+        if n < 0:
+            return False
+        got = [self._cfds[i] for i in range(self._cnfds[0])]
+        if self._carrier != _CARRIER or len(got) != want:
+            self._fail(got, f"expected a carrier with {want} fds, got {bytes(self._carrier)!r} with {len(got)}")
+        self._backoff = 0.0
+        self._stall_deadline = None
+        self._rx_fds.extend(got)
+        return True
+
+    def _stall(self) -> None:
+        self._backoff = min(_BACKOFF_MAX, self._backoff * 2 or _BACKOFF_FIRST)
+        self.stalled_until = time.monotonic() + self._backoff
+        if self._blocking and self._stall_deadline is None:
+            self._stall_deadline = time.monotonic() + self.fd_wait
+
+    def _wait_stall(self, now: float) -> bool:
+        """Blocking sockets sleep through the backoff; non-blocking ones return False."""
+        if not self._blocking:
+            return False
+        assert self._stall_deadline is not None and self.stalled_until is not None
+        if now >= self._stall_deadline:
+            self._stall_deadline = None
+            self.stalled_until = None
+            raise FdTableFullError(
+                f"{self!r}: no descriptor slots for incoming fds for {self.fd_wait}s; "
+                "close some fds or raise RLIMIT_NOFILE, then receive again (nothing was lost)"
+            )
+        time.sleep(self.stalled_until - now)
+        return True
+
+    # -- closing -----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the socket and every fd still queued or half-received.  Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        for _, fds, _ in self._out:
+            for fd in fds or ():
+                os.close(fd)
+        self._out.clear()
+        for fd in self._rx_fds:
+            os.close(fd)
+        self._rx_fds = []
+        self.sock.close()
+
+    def __enter__(self) -> "FdChannel":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def fork_sibling() -> int:
+    """Create a process whose parent is our parent (``clone(CLONE_PARENT)``).
+
+    Returns the new pid in the caller and 0 in the new process, like
+    ``os.fork()``.  Only safe in a single-threaded process: the caller checks.
+    """
+    pid = lib.fdp_fork_sibling()
+    if pid < 0:
+        err = ffi.errno
+        raise OSError(err, f"clone(CLONE_PARENT) failed: {os.strerror(err)}")
+    return pid
+
+
+def gettid() -> int:
+    """The calling thread's kernel thread id."""
+    return lib.fdp_gettid()
+
+
+def socketpair() -> Tuple[socket.socket, socket.socket]:
+    """An unnamed AF_UNIX stream socketpair, both ends close-on-exec."""
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

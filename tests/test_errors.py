@@ -1,0 +1,22 @@
+import pickle
+
+import pytest
+
+import forkserver
+from forkserver import _errors
+
+
+@pytest.mark.parametrize("name", _errors.__all__)
+def test_every_error_survives_a_pickle_round_trip(name):
+    cls = getattr(_errors, name)
+    err = cls("something broke on <x>; do y")
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is cls
+    assert back.args == err.args
+    assert issubclass(cls, forkserver.ForkserverError)
+
+
+def test_errors_are_reexported_from_the_package():
+    for name in _errors.__all__:
+        assert getattr(forkserver, name) is getattr(_errors, name)
+        assert name in forkserver.__all__
