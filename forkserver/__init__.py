@@ -6,19 +6,31 @@ is a direct child of your process.  See README.md.
 """
 from ._errors import (
     BrokenChannelError,
+    BrokenTemplateError,
     ClosedError,
     FdTableFullError,
     ForkserverError,
     ProtocolError,
+    RemoteError,
+    RemoteTraceback,
+    ThreadedTemplateError,
 )
+from ._process import Child
+from ._template import Template
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "BrokenChannelError",
+    "BrokenTemplateError",
+    "Child",
     "ClosedError",
     "FdTableFullError",
     "ForkserverError",
     "ProtocolError",
+    "RemoteError",
+    "RemoteTraceback",
+    "Template",
+    "ThreadedTemplateError",
     "__version__",
 ]

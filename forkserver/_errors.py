@@ -13,6 +13,10 @@ __all__ = [
     "BrokenChannelError",
     "ClosedError",
     "FdTableFullError",
+    "BrokenTemplateError",
+    "RemoteError",
+    "RemoteTraceback",
+    "ThreadedTemplateError",
 ]
 
 
@@ -40,4 +44,32 @@ class FdTableFullError(ForkserverError):
 
     Nothing was lost: the fds are still queued in the kernel. Close some
     descriptors (or raise ``RLIMIT_NOFILE``) and call ``receive()`` again.
+    """
+
+
+class BrokenTemplateError(BrokenChannelError):
+    """A template process died or its socket broke; ``__cause__`` says how.
+
+    The default template is restarted on next use; a ``Template`` you created
+    is gone: make a new one.
+    """
+
+
+class RemoteError(ForkserverError):
+    """An exception raised in another process that could not be rebuilt here.
+
+    ``remote_type`` names its class; ``__cause__`` carries the remote traceback.
+    """
+
+
+class RemoteTraceback(Exception):
+    """Carries the formatted traceback of a remote exception (set as ``__cause__``)."""
+
+
+class ThreadedTemplateError(ForkserverError):
+    """A template refused to fork because it runs more than one OS thread.
+
+    Forking a multithreaded process leaves the child with locks held by
+    threads that do not exist there (children hang).  The message names the
+    threads and the ``require``/``eval`` that started them.
     """

@@ -1,0 +1,191 @@
+"""The command protocol between the parent and template processes (shared by both).
+
+Frames travel over ``_fds.FdChannel``.  Parent → template commands are
+pipelined; only ``REQUIRE``, ``EVAL`` and ``RUN`` get a reply, and the parent
+waits for it before the call returns, so at most one reply is outstanding per
+template.  A failed pipelined command (``SETUP``, ``SEND_ARG``, ``SEND_FH``)
+marks the template broken: every later reply-bearing command answers with
+that first error, and ``FORK`` refuses — so no error is ever silent, and it
+surfaces no later than the next call that waits.
+
+``FORK`` carries the command socket of the new process as its only fd.  The
+template never replies to it on its own channel: the new process greets the
+parent with ``HELLO`` on the new socket, or the template writes the
+``ERROR`` there instead.  After the ``RUNNING`` reply the socket belongs to
+the user: the parent reads that frame exactly and nothing after it.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import socket
+import sys
+import traceback
+from typing import Any, Callable, Dict, Tuple, Union
+
+from ._errors import RemoteError, RemoteTraceback
+
+VERSION = 1
+
+# parent -> template
+SETUP = 1  # pickled context dict; fds: stdin, stdout, stderr (those given)
+REQUIRE = 2  # pickled tuple of module names                      -> RESULT | ERROR
+EVAL = 3  # pickled (source, args)                                -> RESULT | ERROR
+SEND_ARG = 4  # pickled list of objects
+SEND_FH = 5  # pickled list of handle descriptions; fds: the handles
+FORK = 6  # no payload; fds: the new process's command socket
+RUN = 7  # pickled (module, qualname)                              -> RUNNING | ERROR
+
+# template -> parent
+HELLO = 101  # pickled {"version", "pid"}: the first frame on every command socket
+RESULT = 102
+ERROR = 103  # encode_error()
+RUNNING = 104  # the last protocol frame: user bytes follow
+
+NAMES = {
+    SETUP: "setup", REQUIRE: "require", EVAL: "eval", SEND_ARG: "send_arg",
+    SEND_FH: "send_fh", FORK: "fork", RUN: "run",
+    HELLO: "hello", RESULT: "result", ERROR: "error", RUNNING: "running",
+}  # fmt: skip
+
+# Standard thread-pool limits applied while a template imports or evaluates
+# (DESIGN.md rule 5): libraries size their pools from these at load time.
+THREAD_LIMIT_VARS = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+)
+
+
+def dumps(obj: Any) -> bytes:
+    """Pickle with the highest protocol (both ends run the same interpreter)."""
+    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+loads = pickle.loads
+
+
+# -- errors --------------------------------------------------------------------
+
+
+def encode_error(exc: BaseException, context: str = "") -> bytes:
+    """Serialise an exception with its formatted traceback for the parent."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        blob = dumps(exc)
+        pickle.loads(blob)  # must also load on the other side
+    except Exception:
+        blob = b""
+    return dumps(
+        {
+            "pickled": blob,
+            "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+            "message": str(exc),
+            "traceback": text,
+            "context": context,
+            "pid": os.getpid(),
+        }
+    )
+
+
+def decode_error(payload: bytes) -> BaseException:
+    """Rebuild a remote exception; its ``__cause__`` carries the remote traceback."""
+    info = loads(payload)
+    cause = RemoteTraceback(
+        f"traceback in process {info['pid']}"
+        + (f" during {info['context']}" if info["context"] else "")
+        + ":\n"
+        + info["traceback"]
+    )
+    exc: BaseException
+    try:
+        exc = pickle.loads(info["pickled"]) if info["pickled"] else None  # type: ignore
+    except Exception:
+        exc = None  # type: ignore
+    if exc is None:
+        exc = RemoteError(f"{info['type']}: {info['message']}")
+        exc.remote_type = info["type"]  # type: ignore[attr-defined]
+    exc.__cause__ = cause
+    return exc
+
+
+# -- targets -------------------------------------------------------------------
+
+
+def split_target(target: Union[str, Callable[..., Any]]) -> Tuple[str, str]:
+    """``"pkg.mod:func"``, ``"pkg.mod.func"`` or a module-level function → (module, qualname)."""
+    if callable(target) and not isinstance(target, str):
+        module = getattr(target, "__module__", None)
+        qualname = getattr(target, "__qualname__", None)
+        if not module or not qualname or "<locals>" in qualname or "<lambda>" in qualname:
+            raise ValueError(
+                f"run({target!r}): only module-level functions can be named in another "
+                "process; define it at the top level of a module, or pass 'module:function'"
+            )
+        if module == "__main__":
+            spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+            if spec is None or not spec.name or spec.name == "__main__":
+                raise ValueError(
+                    f"run({target!r}): functions of a script run as __main__ cannot be "
+                    "imported in a template; move it into a module (or start your program "
+                    "with python -m, or call forkserver.early() at its top)"
+                )
+            module = spec.name
+        return module, qualname
+    if not isinstance(target, str) or not target:
+        raise TypeError(f"run(): expected 'module:function', 'module.function' or a function, got {target!r}")
+    if ":" in target:
+        module, _, qualname = target.partition(":")
+    else:
+        module, _, qualname = target.rpartition(".")
+    if not module or not qualname:
+        raise ValueError(
+            f"run({target!r}): name the function with its module, as 'pkg.mod:func' or 'pkg.mod.func'"
+        )
+    return module, qualname
+
+
+# -- handles -------------------------------------------------------------------
+
+
+def describe_handle(obj: Any) -> Tuple[int, Dict[str, Any]]:
+    """(fd, description) for a socket, a file object or an int fd; checks the fd is open."""
+    if isinstance(obj, bool):
+        raise TypeError(f"send_fh({obj!r}): expected a socket, a file object or an int fd")
+    if isinstance(obj, int):
+        fd, desc = obj, {"kind": "int"}
+    elif isinstance(obj, socket.socket):
+        fd, desc = obj.fileno(), {"kind": "socket"}
+    elif isinstance(obj, io.IOBase) or hasattr(obj, "fileno"):
+        try:
+            fd = obj.fileno()
+        except (ValueError, io.UnsupportedOperation) as exc:
+            raise ValueError(f"send_fh({obj!r}): it has no usable fd ({exc}); pass an open file") from None
+        desc = {"kind": "file", "mode": getattr(obj, "mode", None)}
+        if isinstance(obj, io.TextIOBase):
+            desc.update(encoding=obj.encoding, errors=obj.errors)
+    else:
+        raise TypeError(f"send_fh({obj!r}): expected a socket, a file object or an int fd")
+    if fd < 0:
+        raise ValueError(f"send_fh({obj!r}): it is closed; pass an open handle")
+    try:
+        os.fstat(fd)
+    except OSError as exc:
+        raise OSError(exc.errno, f"send_fh({obj!r}): fd {fd} is not open; pass an open handle") from None
+    return fd, desc
+
+
+def rebuild_handle(fd: int, desc: Dict[str, Any]) -> Any:
+    """The same kind of object the sender passed, owning ``fd``."""
+    kind = desc["kind"]
+    if kind == "socket":
+        return socket.socket(fileno=fd)
+    if kind == "file" and desc.get("mode"):
+        mode = desc["mode"]
+        if "b" in mode:
+            return open(fd, mode)
+        return open(fd, mode, encoding=desc.get("encoding"), errors=desc.get("errors"))
+    return fd

@@ -1,0 +1,78 @@
+"""Template hygiene (DESIGN.md rule 5): thread-pool limits, the thread check, titles.
+
+``fork_sibling`` is a raw ``clone``: glibc's ``pthread_atfork`` handlers do
+not run, so a template may only fork while it is single-threaded.  Libraries
+that start thread pools at import (OpenBLAS, MKL, OpenMP, numexpr) size them
+from standard environment variables read at load time; setting those to 1
+while a template imports keeps it single-threaded, and the children can
+still raise their pools at run time (threadpoolctl).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import Iterator, List
+
+from .._errors import ThreadedTemplateError
+from .._protocol import THREAD_LIMIT_VARS
+
+
+@contextlib.contextmanager
+def thread_limits() -> Iterator[None]:
+    """Set the thread-pool variables the user did not set to 1, then restore them."""
+    added = [name for name in THREAD_LIMIT_VARS if name not in os.environ]
+    for name in added:
+        os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
+def thread_count() -> int:
+    """The number of OS threads of this process (``Threads:`` in /proc/self/status)."""
+    with open("/proc/self/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"Threads:"):
+                return int(line.split()[1])
+    return len(os.listdir("/proc/self/task"))  # pragma: no cover - every Linux has the line
+
+
+def thread_names() -> List[str]:
+    """OS names of our threads (``/proc/self/task/*/comm``) and Python's own thread names."""
+    names = []
+    for tid in sorted(os.listdir("/proc/self/task"), key=int):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                names.append(f"{f.read().strip()} (tid {tid})")
+        except OSError:
+            continue  # the thread ended meanwhile
+    names += [f"Python thread {t.name!r}" for t in threading.enumerate() if t is not threading.main_thread()]
+    return names
+
+
+def check_single_threaded(culprits: List[str]) -> None:
+    """Raise ThreadedTemplateError unless this process has exactly one OS thread."""
+    count = thread_count()
+    if count == 1:
+        return
+    started = ", ".join(culprits) if culprits else "something run in this template"
+    raise ThreadedTemplateError(
+        f"template process {os.getpid()} runs {count} threads and cannot fork safely "
+        f"(a forked child would inherit locks held by threads that do not exist there). "
+        f"Threads: {'; '.join(thread_names())}. Started by: {started}. "
+        "Remedy: don't start threads at import time in modules you require (start them in "
+        "the worker function instead), stop them before forking, or limit the library's "
+        "pool (e.g. OMP_NUM_THREADS=1); run() on this template still works, fork() does not."
+    )
+
+
+def set_title(title: str) -> None:
+    """Name this process in ``ps -o comm`` / ``top`` (the kernel keeps 15 bytes)."""
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(title[:15])
+    except OSError:
+        pass  # a cosmetic; never fail over it

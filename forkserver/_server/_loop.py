@@ -1,0 +1,280 @@
+"""The template command loop (runs inside template processes).
+
+A template reads commands from its blocking command socket, one frame at a
+time, until ``RUN`` turns it into a worker or EOF tells it to exit.  On
+``FORK`` it clones itself with ``fork_sibling``: the clone drops the old
+socket, greets the parent on the new one and goes on in this same loop as a
+template of its own — the stack does not grow.
+"""
+from __future__ import annotations
+
+import gc
+import importlib
+import os
+import signal
+import socket
+import sys
+from typing import Any, Callable, List, NoReturn, Optional, Tuple
+
+from .. import _protocol as P
+from .._errors import BrokenChannelError, ForkserverError
+from .._fds import FdChannel, Frame, fork_sibling
+from ._hygiene import check_single_threaded, set_title, thread_count, thread_limits
+
+Work = Tuple[Callable[..., Any], List[Any]]
+
+
+class _State:
+    """Everything a template has; a clone inherits all of it."""
+
+    def __init__(self, chan: FdChannel) -> None:
+        self.chan = chan
+        self.sent: List[Any] = []  # send_arg/send_fh items, in call order
+        self.namespace: dict = {"__name__": "__forkserver_eval__"}
+        self.broken: Optional[bytes] = None  # encoded first error of a pipelined command
+        self.culprits: List[str] = []  # require/eval calls that started threads
+        self.gc_freeze = True
+
+    def reply_error(self, exc: BaseException, context: str) -> None:
+        self.chan.send(P.ERROR, P.encode_error(exc, context))
+
+
+def _greet(chan: FdChannel) -> None:
+    chan.send(P.HELLO, P.dumps({"version": P.VERSION, "pid": os.getpid()}))
+
+
+def _import_checked(state: _State, what: str, func: Callable[[], Any]) -> Any:
+    """Run an import/eval under thread-pool limits; remember it if it started threads."""
+    before = thread_count()
+    with thread_limits():
+        result = func()
+    if thread_count() > before:
+        state.culprits.append(what)
+    return result
+
+
+def _do_setup(state: _State, frame: Frame) -> None:
+    ctx = P.loads(frame.payload)
+    fds = iter(frame.fds)
+    for target in ctx.get("stdio", ()):
+        fd = next(fds)
+        os.dup2(fd, target)  # dup2 makes the target inheritable, as stdio must be
+        os.close(fd)
+    if ctx.get("env") is not None:
+        os.environ.clear()
+        os.environ.update(ctx["env"])
+    if ctx.get("cwd") is not None:
+        os.chdir(ctx["cwd"])
+    if ctx.get("sys_path") is not None:
+        sys.path[:] = ctx["sys_path"]
+        importlib.invalidate_caches()
+    if "gc_freeze" in ctx:
+        state.gc_freeze = ctx["gc_freeze"]
+
+
+def _do_require(state: _State, frame: Frame) -> None:
+    names = P.loads(frame.payload)
+    for name in names:
+        _import_checked(state, f"require({name!r})", lambda: importlib.import_module(name))
+
+
+def _do_eval(state: _State, frame: Frame) -> None:
+    source, args = P.loads(frame.payload)
+    code = compile(source, "<forkserver eval>", "exec")
+    state.namespace["args"] = args
+    short = source if len(source) < 40 else source[:37] + "..."
+    _import_checked(state, f"eval({short!r})", lambda: exec(code, state.namespace))
+
+
+def _do_send_arg(state: _State, frame: Frame) -> None:
+    state.sent.extend(P.loads(frame.payload))
+
+
+def _do_send_fh(state: _State, frame: Frame) -> None:
+    descs = P.loads(frame.payload)
+    state.sent.extend(P.rebuild_handle(fd, desc) for fd, desc in zip(frame.fds, descs))
+
+
+def _resolve(state: _State, frame: Frame) -> Callable[..., Any]:
+    module_name, qualname = P.loads(frame.payload)
+    obj: Any = _import_checked(
+        state, f"run({module_name!r})", lambda: importlib.import_module(module_name)
+    )
+    for part in qualname.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise AttributeError(
+                f"module {module_name!r} has no attribute {qualname!r}; check the name passed to run()"
+            ) from None
+    if not callable(obj):
+        raise TypeError(f"{module_name}:{qualname} is {obj!r}, which is not callable")
+    return obj
+
+
+def _do_fork(state: _State, frame: Frame) -> None:
+    """Clone this template; the clone continues as the template on the new socket."""
+    new_sock = socket.socket(fileno=frame.fds[0])
+    try:
+        if state.broken is not None:
+            raise _Refused(state.broken)
+        check_single_threaded(state.culprits)
+        sys.stdout.flush()  # else the clone would print our buffered output again
+        sys.stderr.flush()
+        if state.gc_freeze:
+            gc.freeze()  # keep preloaded objects' pages shared with the clones
+        pid = fork_sibling()
+    except _Refused as refused:
+        FdChannel(new_sock).send(P.ERROR, refused.args[0])
+        new_sock.close()
+        return
+    except Exception as exc:
+        chan = FdChannel(new_sock)
+        chan.send(P.ERROR, P.encode_error(exc, "fork()"))
+        chan.close()
+        return
+    if pid:
+        new_sock.close()
+        return
+    # In the clone: close our copy of the template's socket, serve the new one.
+    state.chan.close()
+    state.chan = FdChannel(new_sock)
+    _greet(state.chan)
+
+
+class _Refused(Exception):
+    """A fork refused because an earlier pipelined command failed (payload: its error)."""
+
+
+_HANDLERS = {
+    P.SETUP: _do_setup,
+    P.SEND_ARG: _do_send_arg,
+    P.SEND_FH: _do_send_fh,
+}
+_REPLYING = {P.REQUIRE: _do_require, P.EVAL: _do_eval}
+
+
+def serve(state: _State) -> Optional[Work]:
+    """Serve commands until RUN (returns the work to do) or EOF (returns None)."""
+    while True:
+        try:
+            frame = state.chan.receive()
+        except BrokenChannelError:
+            return None  # the parent closed our socket or died: exit quietly
+        assert frame is not None  # blocking channel
+        kind = frame.kind
+        if kind == P.FORK:
+            _do_fork(state, frame)
+            continue
+        name = P.NAMES.get(kind, f"kind {kind}")
+        if kind in _HANDLERS:
+            if state.broken is None:
+                try:
+                    _HANDLERS[kind](state, frame)
+                except BaseException as exc:
+                    state.broken = P.encode_error(exc, name)
+            else:
+                for fd in frame.fds:
+                    os.close(fd)
+            continue
+        if state.broken is not None:
+            state.chan.send(P.ERROR, state.broken)
+            continue
+        if kind in _REPLYING:
+            try:
+                _REPLYING[kind](state, frame)
+            except BaseException as exc:
+                state.reply_error(exc, name)
+            else:
+                state.chan.send(P.RESULT)
+            continue
+        if kind == P.RUN:
+            try:
+                func = _resolve(state, frame)
+            except BaseException as exc:
+                state.reply_error(exc, name)
+                continue
+            state.chan.send(P.RUNNING)
+            return func, state.sent
+        raise ForkserverError(f"template {os.getpid()}: unknown command kind {kind}")
+
+
+def _work(chan: FdChannel, work: Work) -> int:
+    """Become the worker: call func(control, *sent); return its exit status.
+
+    0 when it returns, 1 (traceback on stderr) when it raises, the code of a
+    ``SystemExit``.  ``KeyboardInterrupt`` propagates: Python then ends the
+    process with SIGINT, as it would at top level.
+    """
+    func, sent = work
+    control = chan.sock  # blocking, close-on-exec
+    set_title("fs:" + getattr(func, "__name__", "worker"))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        func(control, *sent)
+    except SystemExit as exc:
+        return _exit_code(exc)
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def _exit_code(exc: SystemExit) -> int:
+    """The status ``sys.exit(arg)`` gives at top level (a message is printed, status 1)."""
+    code = exc.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
+
+
+def finish(code: int) -> "NoReturn":
+    """End a template or worker the way multiprocessing ends its children.
+
+    Non-daemon threads are joined and atexit callbacks run, std streams are
+    flushed, then ``os._exit``: a full interpreter finalisation would cost
+    milliseconds per child and tear down objects shared with the template.
+    """
+    import atexit
+    import threading
+
+    try:
+        threading._shutdown()  # type: ignore[attr-defined]
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(code)
+
+
+def main(fd: int = 3) -> int:
+    """Entry point of an exec'd template: serve the command socket on ``fd``."""
+    # Ctrl-C in the terminal reaches every process of the foreground group;
+    # a template waiting for commands must not die of it. Workers restore it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.set_inheritable(fd, False)
+    for std in (0, 1, 2):  # keep 0-2 taken, so no socket or received fd lands there
+        try:
+            os.fstat(std)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(True)
+    chan = FdChannel(sock)
+    _greet(chan)
+    state = _State(chan)
+    set_title("fs:template")
+    work = serve(state)
+    if work is None:
+        return 0
+    return _work(state.chan, work)

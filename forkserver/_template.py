@@ -1,0 +1,448 @@
+"""``Template``: a not-yet-run process, driven from the parent.
+
+Each template is a process sitting in the command loop of
+``forkserver/_server/_loop.py`` on its own unnamed AF_UNIX socket.  Commands
+are pipelined: ``send_arg``, ``send_fh`` and ``fork`` return at once;
+``require``, ``eval`` and ``run`` wait for their reply, and raise any error
+of an earlier pipelined command.  Each ``Template`` serialises its own calls
+with a lock, so many threads may use many templates (or one) at once.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import sys
+import threading
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+
+from . import _protocol as P
+from ._errors import BrokenChannelError, BrokenTemplateError, ClosedError, ProtocolError
+from ._fds import FdChannel, Frame, socketpair
+from ._process import Child
+from ._wait import open_pidfd, reap, reap_now, wait_channel
+
+Handle = Union[int, socket.socket, Any]
+Target = Union[str, Callable[..., Any]]
+
+_CLOSE_GRACE = 5.0  # seconds a closed template gets to exit before SIGKILL
+
+
+class Template:
+    """A template process: load code and data into it, then ``fork()`` or ``run()`` it.
+
+    ``Template()`` creates a new, empty template, cloned from the shared
+    default template, that adopts the caller's *current* environment, working
+    directory, ``sys.path`` and stdio (fds 0-2).  Override any of them::
+
+        Template(env={...}, cwd="/srv", stdin=subprocess.DEVNULL, stdout=logfile)
+
+    ``gc_freeze=False`` turns off ``gc.freeze()`` before each fork (it keeps
+    the preloaded objects' memory pages shared with the children).
+    """
+
+    def __init__(
+        self,
+        *,
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[Union[str, os.PathLike]] = None,
+        stdin: Optional[Handle] = None,
+        stdout: Optional[Handle] = None,
+        stderr: Optional[Handle] = None,
+        gc_freeze: bool = True,
+    ) -> None:
+        chan = default_template()._request_fork(retry_dead_default=True)
+        self._adopt(chan, "Template()")
+        self._setup(*_context(env, cwd, (stdin, stdout, stderr), sys.path, gc_freeze))
+
+    # -- construction ----------------------------------------------------------
+
+    @classmethod
+    def _from_channel(cls, chan: FdChannel, origin: str, pid: Optional[int] = None) -> "Template":
+        self = cls.__new__(cls)
+        self._adopt(chan, origin, pid)
+        return self
+
+    def _adopt(self, chan: FdChannel, origin: str, pid: Optional[int] = None) -> None:
+        self._chan = chan
+        self._origin = origin
+        self._pid = pid  # known once HELLO is read (or at spawn)
+        self._pidfd: Optional[int] = None
+        self._lock = threading.RLock()
+        self._status = "starting"  # starting, ready, running, closed, broken
+        self._owner = os.getpid()
+
+    @classmethod
+    def new_exec(
+        cls,
+        *,
+        python: Optional[str] = None,
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[Union[str, os.PathLike]] = None,
+        sys_path: Optional[Sequence[str]] = None,
+        gc_freeze: bool = True,
+    ) -> "Template":
+        """A template that is a freshly exec'd interpreter of its own.
+
+        ``python`` defaults to ``sys.executable``; it must be able to import
+        this forkserver (same Python version).  ``env`` is the environment the
+        interpreter starts with (default: the caller's current one), ``cwd``
+        its directory (default: the caller's).  ``sys_path`` defaults to
+        what the new interpreter computes itself, plus this forkserver.
+        """
+        tpl = _spawn_template(python or sys.executable, dict(os.environ if env is None else env))
+        ctx: Dict[str, Any] = {"cwd": os.fspath(cwd) if cwd is not None else os.getcwd()}
+        if sys_path is not None:
+            ctx["sys_path"] = list(sys_path)
+        ctx["gc_freeze"] = gc_freeze
+        tpl._setup(ctx)
+        return tpl
+
+    def _setup(self, ctx: Dict[str, Any], fds: Sequence[int] = (), opened: Sequence[int] = ()) -> None:
+        """Send the context; ``opened`` are fds we opened for it and close once sent."""
+        try:
+            self._send(P.SETUP, P.dumps(ctx), fds)
+        finally:
+            for fd in opened:
+                os.close(fd)
+
+    # -- state -----------------------------------------------------------------
+
+    @property
+    def pid(self) -> int:
+        """The template process's pid (waits for it to greet us if need be)."""
+        with self._lock:
+            if self._pid is None:
+                self._check_open("pid")
+                self._read_hello()
+            assert self._pid is not None
+            return self._pid
+
+    def __repr__(self) -> str:
+        pid = f"pid={self._pid} " if self._pid is not None else ""
+        return f"<forkserver.Template {pid}{self._status} from {self._origin}>"
+
+    def _check_open(self, what: str) -> None:
+        if self._owner != os.getpid():
+            raise ClosedError(
+                f"{what} on {self!r}: it belongs to process {self._owner}, not to this forked "
+                "copy; create a new Template in this process"
+            )
+        if self._status == "running":
+            raise ClosedError(f"{what} on {self!r}: run() consumed it; fork() before run() to reuse it")
+        if self._status == "closed":
+            raise ClosedError(f"{what} on {self!r}: it was closed; create a new Template")
+        if self._status == "broken":
+            raise BrokenTemplateError(f"{what} on {self!r}: the template process is gone; create a new Template")
+
+    def _broken(self, cause: BaseException, what: str) -> BrokenTemplateError:
+        """Mark the template dead, reap it if we can, and build the error to raise."""
+        self._status = "broken"
+        self._chan.close()
+        if self._pid is not None:
+            self._reap(timeout=_CLOSE_GRACE)
+        return BrokenTemplateError(
+            f"{what} on {self!r}: the template process died or closed its socket; "
+            "create a new Template (the default template restarts by itself)"
+        )
+
+    # -- wire ------------------------------------------------------------------
+
+    def _send(self, kind: int, payload: bytes = b"", fds: Sequence[Any] = ()) -> None:
+        with self._lock:
+            self._check_open(P.NAMES[kind])
+            try:
+                self._chan.send(kind, payload, fds)
+            except BrokenChannelError as exc:
+                raise self._broken(exc, P.NAMES[kind]) from exc
+
+    def _next_frame(self, what: str, until_hello: bool = False) -> Optional[Frame]:
+        """The next frame after HELLO (None once HELLO is read, with ``until_hello``).
+
+        Raises the remote error for an ERROR frame.
+        """
+        chan = self._chan
+        while True:
+            try:
+                chan.flush()
+                frame = chan.receive()
+            except (BrokenChannelError, ProtocolError) as exc:
+                raise self._broken(exc, what) from exc
+            if frame is None:
+                wait_channel(chan, None)
+                continue
+            if frame.kind == P.HELLO and self._status == "starting":
+                self._hello(frame)
+                if until_hello:
+                    return None
+                continue
+            if frame.kind == P.ERROR:
+                if self._status == "starting":  # the fork itself failed
+                    self._status = "broken"
+                    self._chan.close()
+                raise P.decode_error(frame.payload)
+            return frame
+
+    def _hello(self, frame: Frame) -> None:
+        info = P.loads(frame.payload)
+        if info.get("version") != P.VERSION:
+            raise ProtocolError(
+                f"{self!r} speaks protocol {info.get('version')}, we speak {P.VERSION}: "
+                "the template runs another forkserver version; reinstall so both match"
+            )
+        if self._pid is None:
+            self._pid = info["pid"]
+        if self._pidfd is None:
+            self._pidfd = open_pidfd(self._pid)
+        self._status = "ready"
+
+    def _read_hello(self) -> None:
+        frame = self._next_frame("hello", until_hello=True)
+        if frame is not None:
+            raise ProtocolError(f"{self!r}: expected its greeting, got a {P.NAMES.get(frame.kind)} frame")
+
+    def _call(self, kind: int, payload: bytes) -> Frame:
+        with self._lock:
+            self._send(kind, payload)
+            frame = self._next_frame(P.NAMES[kind])
+            assert frame is not None
+            return frame
+
+    # -- the public verbs --------------------------------------------------------
+
+    def require(self, *modules: str) -> "Template":
+        """Import ``modules`` in the template; an import error is raised here. Returns self."""
+        for name in modules:
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"require({name!r}): module names are non-empty strings")
+        self._call(P.REQUIRE, P.dumps(modules))
+        return self
+
+    def eval(self, source: str, *args: Any) -> "Template":
+        """Execute ``source`` in the template with ``args`` bound as ``args``. Returns self.
+
+        Names it defines stay in the template's namespace for later ``eval``
+        calls (and in its forks).  A remote exception is raised here.
+        """
+        if not isinstance(source, str):
+            raise TypeError(f"eval(): source must be a str, got {type(source).__name__}")
+        self._call(P.EVAL, P.dumps((source, args)))
+        return self
+
+    def send_arg(self, *objs: Any) -> "Template":
+        """Queue picklable objects as the worker's next arguments. Returns self."""
+        try:
+            payload = P.dumps(list(objs))
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            raise type(exc)(f"send_arg(): {exc}; only picklable objects can be sent") from exc
+        self._send(P.SEND_ARG, payload)
+        return self
+
+    def send_fh(self, *handles: Handle) -> "Template":
+        """Send sockets, file objects or int fds as the worker's next arguments.
+
+        They are duplicated at once: close your copies whenever you like.  The
+        worker receives the same kind (socket, file object with the same mode,
+        int).  Returns self.
+        """
+        described = [P.describe_handle(h) for h in handles]
+        self._send(P.SEND_FH, P.dumps([d for _, d in described]), [fd for fd, _ in described])
+        return self
+
+    def fork(self) -> "Template":
+        """A new template: a clone of this one with everything loaded and sent so far."""
+        return Template._from_channel(self._request_fork(), f"{self._origin}.fork()")
+
+    def _request_fork(self, retry_dead_default: bool = False) -> FdChannel:
+        ours, theirs = socketpair()
+        ours.setblocking(False)
+        try:
+            self._send(P.FORK, b"", [theirs])
+        except BrokenTemplateError:
+            if not retry_dead_default or self is not _default.template:
+                raise
+            ours.close()
+            theirs.close()
+            return default_template()._request_fork()
+        finally:
+            theirs.close()
+        return FdChannel(ours)
+
+    def run(self, target: Target) -> Child:
+        """Turn the template into a worker running ``target(control, *sent)``.
+
+        ``target`` is ``"pkg.mod:func"``, ``"pkg.mod.func"`` or a module-level
+        function.  Returns once the process has started it; a missing module
+        or function raises here (and the template stays usable).
+        """
+        module, qualname = P.split_target(target)
+        with self._lock:
+            frame = self._call(P.RUN, P.dumps((module, qualname)))
+            if frame.kind != P.RUNNING:
+                raise ProtocolError(f"{self!r}: expected the run acknowledgement, got {P.NAMES.get(frame.kind)}")
+            self._status = "running"
+            control = self._chan.sock  # the channel read exactly up to RUNNING
+            pidfd, self._pidfd = self._pidfd, None
+            assert self._pid is not None
+            return Child(self._pid, control, f"{module}:{qualname}", pidfd)
+
+    # -- closing -----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Discard the template: its process exits and is reaped. Idempotent."""
+        with self._lock:
+            if self._status in ("closed", "running") or self._owner != os.getpid():
+                return
+            if self._status == "starting":
+                try:
+                    self._read_hello()
+                except Exception:
+                    pass  # it failed to start or died: nothing to wait for but the reap
+            self._status = "closed"
+            self._chan.close()  # EOF: the template's loop ends
+            self._reap(_CLOSE_GRACE)
+
+    def _reap(self, timeout: float) -> None:
+        if self._pid is None or self._pidfd is None:
+            return
+        if reap(self._pid, self._pidfd, timeout) is None:
+            os.kill(self._pid, 9)
+            reap(self._pid, self._pidfd, None)
+        self._close_pidfd()
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    def __enter__(self) -> "Template":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _context(env, cwd, stdio, sys_path, gc_freeze) -> "tuple":
+    """(context, fds, opened fds) for SETUP: a template adopting the caller's context."""
+    import subprocess
+
+    ctx: Dict[str, Any] = {
+        "env": dict(os.environ if env is None else env),
+        "cwd": os.fspath(cwd) if cwd is not None else os.getcwd(),
+        "sys_path": list(sys_path),
+        "gc_freeze": gc_freeze,
+        "stdio": [],
+    }
+    fds: List[Any] = []
+    opened: List[int] = []
+    for target, handle in enumerate(stdio):
+        if handle is None:
+            try:
+                os.fstat(target)
+            except OSError:
+                continue  # the caller's own fd is closed: the template keeps /dev/null
+            handle = target
+        elif handle == subprocess.DEVNULL:
+            fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            opened.append(fd)
+            handle = fd
+        fd, _ = P.describe_handle(handle)
+        ctx["stdio"].append(target)
+        fds.append(fd)
+    return ctx, fds, opened
+
+
+# -- the default template ------------------------------------------------------------
+
+
+_BOOT = (
+    "import sys; sys.path.insert(0, {path!r}); "
+    "from forkserver._server._loop import main, finish; finish(main(3))"
+)
+
+
+def _spawn_template(python: str, env: Dict[str, str]) -> Template:
+    """posix_spawn a fresh template interpreter with its command socket on fd 3."""
+    ours, theirs = socketpair()
+    ours.setblocking(False)
+    child_fd = theirs.fileno()
+    if child_fd == 3:  # dup2(3, 3) would leave close-on-exec set
+        child_fd = os.dup(3)
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    argv = [python, "-c", _BOOT.format(path=pkg_parent)]
+    try:
+        pid = os.posix_spawn(
+            python,
+            argv,
+            env,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, child_fd, 3),
+            ],
+        )
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        if child_fd != theirs.fileno():
+            os.close(child_fd)
+        theirs.close()
+    tpl = Template._from_channel(FdChannel(ours), "Template.new_exec()", pid)
+    tpl._pidfd = open_pidfd(pid)
+    return tpl
+
+
+class _Default:
+    """The shared default template of this process (one per pid, started lazily)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.template: Optional[Template] = None
+
+    def get(self) -> Template:
+        with self.lock:
+            tpl = self.template
+            if tpl is not None and not _alive(tpl):
+                self.template = tpl = None
+            if tpl is None:
+                tpl = _spawn_template(sys.executable, dict(os.environ))
+                tpl._origin = "the default template"
+                self.template = tpl
+            return tpl
+
+    def after_fork_child(self) -> None:
+        # A forked copy of the caller must not talk to its parent's template.
+        self.lock = threading.Lock()
+        tpl, self.template = self.template, None
+        if tpl is not None:
+            tpl._chan.close()
+            tpl._close_pidfd()
+            tpl._status = "closed"
+
+
+def _alive(tpl: Template) -> bool:
+    """Non-blocking check that the default template is usable (consumes its HELLO)."""
+    with tpl._lock:
+        if tpl._status in ("closed", "broken", "running"):
+            return False
+        try:
+            frame = tpl._chan.receive()
+        except (BrokenChannelError, ProtocolError) as exc:
+            tpl._broken(exc, "check")
+            return False
+        if frame is not None:
+            if frame.kind != P.HELLO or tpl._status != "starting":
+                tpl._broken(ProtocolError("unexpected frame"), "check")
+                return False
+            tpl._hello(frame)
+        return True
+
+
+_default = _Default()
+os.register_at_fork(after_in_child=_default.after_fork_child)
+
+
+def default_template() -> Template:
+    """The shared default template of this process, started on first use."""
+    return _default.get()

@@ -1,0 +1,95 @@
+"""Waiting in the parent: for a channel to become readable/writable, for a pid to exit.
+
+Every process forkserver creates is a direct child of the caller, so
+``waitpid`` on its pid is ours to call.  A *pidfd* (Linux >= 5.3,
+``os.pidfd_open``) becomes readable when the process exits; polling it lets
+us wait with a timeout without a SIGCHLD handler or a busy loop, and it
+cannot refer to a recycled pid: the kernel holds the pid until we reap it.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import select
+import time
+from typing import Optional
+
+from ._errors import ForkserverError
+from ._fds import FdChannel
+
+MIN_KERNEL = "5.3"
+
+
+class PidfdUnavailableError(ForkserverError):
+    """This kernel has no pidfd_open (Linux 5.3 or newer is required)."""
+
+
+def open_pidfd(pid: int) -> int:
+    """A pidfd for our child ``pid`` (close-on-exec)."""
+    try:
+        return os.pidfd_open(pid)
+    except AttributeError:  # pragma: no cover - Python built without it
+        raise PidfdUnavailableError(
+            f"os.pidfd_open is missing; forkserver needs Linux >= {MIN_KERNEL}"
+        ) from None
+    except OSError as exc:
+        if exc.errno == errno.ENOSYS:  # pragma: no cover - old kernel
+            raise PidfdUnavailableError(
+                f"pidfd_open: {exc.strerror}; forkserver needs Linux >= {MIN_KERNEL}"
+            ) from None
+        raise
+
+
+def remaining(deadline: Optional[float]) -> Optional[float]:
+    """Seconds left until ``deadline`` (monotonic) or None for no deadline; never negative."""
+    if deadline is None:
+        return None
+    return max(0.0, deadline - time.monotonic())
+
+
+def wait_readable(fd: int, timeout: Optional[float]) -> bool:
+    """Poll ``fd`` for input (or hang-up); True if ready before ``timeout``."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    ms = None if timeout is None else int(timeout * 1000) + 1
+    return bool(poller.poll(ms))
+
+
+def wait_channel(chan: FdChannel, deadline: Optional[float]) -> None:
+    """Block until ``chan`` may make progress: readable, writable if it has output, or unstalled."""
+    timeout = remaining(deadline)
+    if chan.stalled_until is not None:
+        left = max(0.0, chan.stalled_until - time.monotonic())
+        timeout = left if timeout is None else min(timeout, left)
+    events = select.POLLIN | (select.POLLOUT if chan.pending_output else 0)
+    poller = select.poll()
+    poller.register(chan.fileno(), events)
+    poller.poll(None if timeout is None else int(timeout * 1000) + 1)
+
+
+def reap(pid: int, pidfd: int, timeout: Optional[float]) -> Optional[int]:
+    """Wait up to ``timeout`` for our child to exit; reap it and return its returncode.
+
+    Returns None if it is still running at the deadline.  The returncode is
+    negative for a signal, as in ``subprocess``.
+    """
+    if not wait_readable(pidfd, timeout):
+        return None
+    return reap_now(pid)
+
+
+def reap_now(pid: int) -> Optional[int]:
+    """``waitpid(WNOHANG)``: the returncode if ``pid`` has exited, else None."""
+    while True:
+        try:
+            got, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            raise ForkserverError(
+                f"pid {pid} was reaped by someone else (a waitpid(-1) or SIGCHLD=SIG_IGN "
+                "in this process?); its exit status is lost"
+            ) from None
+        except InterruptedError:  # pragma: no cover - PEP 475 retries already
+            continue
+        if got == 0:
+            return None
+        return os.waitstatus_to_exitcode(status)
