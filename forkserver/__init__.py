@@ -16,7 +16,7 @@ from ._errors import (
     ThreadedTemplateError,
 )
 from ._process import Child
-from ._template import Template
+from ._template import Template, early
 
 __version__ = "0.1.0.dev0"
 
@@ -33,4 +33,5 @@ __all__ = [
     "Template",
     "ThreadedTemplateError",
     "__version__",
+    "early",
 ]

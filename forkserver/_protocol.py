@@ -115,8 +115,11 @@ def decode_error(payload: bytes) -> BaseException:
 # -- targets -------------------------------------------------------------------
 
 
-def split_target(target: Union[str, Callable[..., Any]]) -> Tuple[str, str]:
-    """``"pkg.mod:func"``, ``"pkg.mod.func"`` or a module-level function → (module, qualname)."""
+def split_target(target: Union[str, Callable[..., Any]], main_ok: bool = False) -> Tuple[str, str]:
+    """``"pkg.mod:func"``, ``"pkg.mod.func"`` or a module-level function → (module, qualname).
+
+    ``main_ok``: the template has the caller's ``__main__`` (``early()``).
+    """
     if callable(target) and not isinstance(target, str):
         module = getattr(target, "__module__", None)
         qualname = getattr(target, "__qualname__", None)
@@ -125,7 +128,7 @@ def split_target(target: Union[str, Callable[..., Any]]) -> Tuple[str, str]:
                 f"run({target!r}): only module-level functions can be named in another "
                 "process; define it at the top level of a module, or pass 'module:function'"
             )
-        if module == "__main__":
+        if module == "__main__" and not main_ok:
             spec = getattr(sys.modules.get("__main__"), "__spec__", None)
             if spec is None or not spec.name or spec.name == "__main__":
                 raise ValueError(
@@ -135,7 +138,7 @@ def split_target(target: Union[str, Callable[..., Any]]) -> Tuple[str, str]:
                 )
             module = spec.name
         return module, qualname
-    if not isinstance(target, str) or not target:
+    if not isinstance(target, str):
         raise TypeError(f"run(): expected 'module:function', 'module.function' or a function, got {target!r}")
     if ":" in target:
         module, _, qualname = target.partition(":")

@@ -52,9 +52,26 @@ class Template:
         stderr: Optional[Handle] = None,
         gc_freeze: bool = True,
     ) -> None:
-        chan = default_template()._request_fork(retry_dead_default=True)
-        self._adopt(chan, "Template()")
-        self._setup(*_context(env, cwd, (stdin, stdout, stderr), sys.path, gc_freeze))
+        context = _context(env, cwd, (stdin, stdout, stderr), sys.path, gc_freeze)
+        try:
+            for attempt in (1, 2):
+                base = default_template()
+                self._adopt(base._request_fork(), "Template()")
+                self._main_ok = base._main_ok
+                try:
+                    self._read_hello()
+                    break
+                except BrokenTemplateError:
+                    # EOF before the greeting: the default template died before
+                    # it could fork (nothing was created); start a new one, once.
+                    _default.discard(base)
+                    if attempt == 2:
+                        raise
+        except BaseException:
+            for fd in context[2]:
+                os.close(fd)
+            raise
+        self._setup(*context)
 
     # -- construction ----------------------------------------------------------
 
@@ -72,6 +89,7 @@ class Template:
         self._lock = threading.RLock()
         self._status = "starting"  # starting, ready, running, closed, broken
         self._owner = os.getpid()
+        self._main_ok = False  # True when the template has the caller's __main__ (early())
 
     @classmethod
     def new_exec(
@@ -252,19 +270,18 @@ class Template:
 
     def fork(self) -> "Template":
         """A new template: a clone of this one with everything loaded and sent so far."""
-        return Template._from_channel(self._request_fork(), f"{self._origin}.fork()")
+        tpl = Template._from_channel(self._request_fork(), f"{self._origin}.fork()")
+        tpl._main_ok = self._main_ok
+        return tpl
 
-    def _request_fork(self, retry_dead_default: bool = False) -> FdChannel:
+    def _request_fork(self) -> FdChannel:
         ours, theirs = socketpair()
         ours.setblocking(False)
         try:
             self._send(P.FORK, b"", [theirs])
-        except BrokenTemplateError:
-            if not retry_dead_default or self is not _default.template:
-                raise
+        except BaseException:
             ours.close()
-            theirs.close()
-            return default_template()._request_fork()
+            raise
         finally:
             theirs.close()
         return FdChannel(ours)
@@ -276,7 +293,7 @@ class Template:
         function.  Returns once the process has started it; a missing module
         or function raises here (and the template stays usable).
         """
-        module, qualname = P.split_target(target)
+        module, qualname = P.split_target(target, main_ok=self._main_ok)
         with self._lock:
             frame = self._call(P.RUN, P.dumps((module, qualname)))
             if frame.kind != P.RUNNING:
@@ -411,6 +428,15 @@ class _Default:
                 self.template = tpl
             return tpl
 
+    def discard(self, tpl: Template) -> None:
+        """Forget ``tpl`` as the default (it died); reap it."""
+        with self.lock:
+            if self.template is tpl:
+                self.template = None
+        with tpl._lock:
+            if tpl._status not in ("broken", "closed"):
+                tpl._broken(BrokenChannelError("gone"), "discard")
+
     def after_fork_child(self) -> None:
         # A forked copy of the caller must not talk to its parent's template.
         self.lock = threading.Lock()
@@ -419,6 +445,45 @@ class _Default:
             tpl._chan.close()
             tpl._close_pidfd()
             tpl._status = "closed"
+
+
+def early() -> None:
+    """Fork this program, now, into the default template (AnyEvent::Fork::Early).
+
+    Call it at the very top of your main program, before any thread starts and
+    before big imports or allocations: every later ``Template()`` is cloned
+    from this copy of your program instead of a freshly exec'd interpreter.
+    So no interpreter is started later, and functions defined in your
+    ``__main__`` script can be ``run()`` by name.
+
+    Limits: the copy keeps everything the program had at this point (modules,
+    memory, open fds), so call it early; it must be the first use of
+    forkserver in the process, and the process must be single-threaded.
+    Workers cloned from it end with ``os._exit`` after ``atexit`` callbacks.
+    """
+    from ._server._hygiene import check_single_threaded
+    from ._server._loop import finish, main
+
+    with _default.lock:
+        if _default.template is not None:
+            raise RuntimeError(
+                "forkserver.early() must come before any other use of forkserver in this "
+                "process; call it at the top of your main program"
+            )
+        check_single_threaded(["the program itself (early() must run before threads start)"])
+        ours, theirs = socketpair()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the new default template: never returns into the program
+            ours.close()
+            finish(main(theirs.detach()))
+        theirs.close()
+        ours.setblocking(False)
+        tpl = Template._from_channel(FdChannel(ours), "forkserver.early()", pid)
+        tpl._pidfd = open_pidfd(pid)
+        tpl._main_ok = True
+        _default.template = tpl
 
 
 def _alive(tpl: Template) -> bool:

@@ -9,17 +9,31 @@ import pytest
 
 
 def open_fds() -> Set[int]:
-    """The fds open in this process, minus forkserver's standing sentinel reserve."""
-    from forkserver import _fds
+    """The fds open in this process, minus forkserver's standing ones.
+
+    Those are the sentinel reserve and the shared default template's socket
+    and pidfd: they live as long as the process, by design.
+    """
+    from forkserver import _fds, _template
 
     fds = {int(name) for name in os.listdir("/proc/self/fd")}
-    reserved = set(_fds._reserve._spare) | {_fds._reserve._model}
-    return fds - reserved
+    fds = {fd for fd in fds if _is_open(fd)}  # drops listdir's own, now closed, fd
+    standing = set(_fds._reserve._spare) | {_fds._reserve._model}
+    default = _template._default.template
+    if default is not None:
+        standing |= {default._chan.fileno(), default._pidfd}
+    return fds - standing
 
 
 def child_pids() -> Set[int]:
-    """Our live (non-zombie) and zombie children."""
-    return {p.pid for p in psutil.Process().children()}
+    """Our children, zombies included, minus the shared default template."""
+    from forkserver import _template
+
+    kids = {p.pid for p in psutil.Process().children()}
+    default = _template._default.template
+    if default is not None:
+        kids.discard(default._pid)
+    return kids
 
 
 @pytest.fixture
@@ -28,7 +42,6 @@ def no_leaks():
     fds_before = open_fds()
     kids_before = child_pids()
     yield
-    # listdir itself opens an fd; compare sets, not counts
     leaked_fds = open_fds() - fds_before
     leaked_kids = child_pids() - kids_before
     details = {fd: _describe(fd) for fd in leaked_fds}
@@ -41,3 +54,11 @@ def _describe(fd: int) -> str:
         return os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return "?"
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True

@@ -13,7 +13,8 @@ def test_every_error_survives_a_pickle_round_trip(name):
     back = pickle.loads(pickle.dumps(err))
     assert type(back) is cls
     assert back.args == err.args
-    assert issubclass(cls, forkserver.ForkserverError)
+    if cls is not _errors.RemoteTraceback:  # a carrier for __cause__, not an error of ours
+        assert issubclass(cls, forkserver.ForkserverError)
 
 
 def test_errors_are_reexported_from_the_package():

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import gc
 import importlib
+import itertools
+import linecache
 import os
 import signal
 import socket
@@ -22,6 +24,7 @@ from .._fds import FdChannel, Frame, fork_sibling
 from ._hygiene import check_single_threaded, set_title, thread_count, thread_limits
 
 Work = Tuple[Callable[..., Any], List[Any]]
+_eval_counter = itertools.count(1)
 
 
 class _State:
@@ -70,6 +73,8 @@ def _do_setup(state: _State, frame: Frame) -> None:
         importlib.invalidate_caches()
     if "gc_freeze" in ctx:
         state.gc_freeze = ctx["gc_freeze"]
+        if not state.gc_freeze:
+            gc.unfreeze()  # what the default template froze is collectable again
 
 
 def _do_require(state: _State, frame: Frame) -> None:
@@ -80,7 +85,10 @@ def _do_require(state: _State, frame: Frame) -> None:
 
 def _do_eval(state: _State, frame: Frame) -> None:
     source, args = P.loads(frame.payload)
-    code = compile(source, "<forkserver eval>", "exec")
+    # Register the source so remote tracebacks show the failing line.
+    filename = f"<forkserver eval {next(_eval_counter)}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    code = compile(source, filename, "exec")
     state.namespace["args"] = args
     short = source if len(source) < 40 else source[:37] + "..."
     _import_checked(state, f"eval({short!r})", lambda: exec(code, state.namespace))
