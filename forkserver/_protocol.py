@@ -20,6 +20,7 @@ import io
 import os
 import pickle
 import socket
+import struct
 import sys
 import traceback
 from typing import Any, Callable, Dict, Tuple, Union
@@ -38,10 +39,12 @@ FORK = 6  # no payload; fds: the new process's command socket
 RUN = 7  # pickled (module, qualname)                              -> RUNNING | ERROR
 
 # template -> parent
-HELLO = 101  # pickled {"version", "pid"}: the first frame on every command socket
+HELLO = 101  # HELLO_FORMAT (version, pid): the first frame on every command socket
 RESULT = 102
 ERROR = 103  # encode_error()
 RUNNING = 104  # the last protocol frame: user bytes follow
+
+HELLO_FORMAT = struct.Struct("=II")
 
 NAMES = {
     SETUP: "setup", REQUIRE: "require", EVAL: "eval", SEND_ARG: "send_arg",

@@ -203,14 +203,17 @@ class Template:
             return frame
 
     def _hello(self, frame: Frame) -> None:
-        info = P.loads(frame.payload)
-        if info.get("version") != P.VERSION:
+        try:
+            version, pid = P.HELLO_FORMAT.unpack(frame.payload)
+        except Exception:
+            version, pid = None, 0
+        if version != P.VERSION:
             raise ProtocolError(
-                f"{self!r} speaks protocol {info.get('version')}, we speak {P.VERSION}: "
+                f"{self!r} speaks protocol {version}, we speak {P.VERSION}: "
                 "the template runs another forkserver version; reinstall so both match"
             )
         if self._pid is None:
-            self._pid = info["pid"]
+            self._pid = pid
         if self._pidfd is None:
             self._pidfd = open_pidfd(self._pid)
         self._status = "ready"

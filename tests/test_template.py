@@ -495,7 +495,7 @@ def test_protocol_version_mismatch_is_a_clear_error():
     a, b = socketpair()
     a.setblocking(False)
     fake = FdChannel(b)
-    fake.send(P.HELLO, P.dumps({"version": 999, "pid": os.getpid()}))
+    fake.send(P.HELLO, P.HELLO_FORMAT.pack(999, os.getpid()))
     tpl = Template._from_channel(FdChannel(a), "a fake")
     with pytest.raises(forkserver.ProtocolError, match="protocol 999"):
         tpl.pid

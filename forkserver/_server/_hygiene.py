@@ -33,11 +33,15 @@ def thread_limits() -> Iterator[None]:
 
 def thread_count() -> int:
     """The number of OS threads of this process (``Threads:`` in /proc/self/status)."""
-    with open("/proc/self/status", "rb") as f:
-        for line in f:
-            if line.startswith(b"Threads:"):
-                return int(line.split()[1])
-    return len(os.listdir("/proc/self/task"))  # pragma: no cover - every Linux has the line
+    fd = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, 16384)
+    finally:
+        os.close(fd)
+    start = data.find(b"\nThreads:")
+    if start < 0:  # pragma: no cover - every Linux since 2.6 has the line
+        return len(os.listdir("/proc/self/task"))
+    return int(data[start + 9 : data.index(b"\n", start + 1)])
 
 
 def thread_names() -> List[str]:
@@ -72,7 +76,12 @@ def check_single_threaded(culprits: List[str]) -> None:
 def set_title(title: str) -> None:
     """Name this process in ``ps -o comm`` / ``top`` (the kernel keeps 15 bytes)."""
     try:
-        with open("/proc/self/comm", "w") as f:
-            f.write(title[:15])
+        fd = os.open("/proc/self/comm", os.O_WRONLY | os.O_CLOEXEC)
     except OSError:
-        pass  # a cosmetic; never fail over it
+        return  # a cosmetic; never fail over it
+    try:
+        os.write(fd, title.encode(errors="replace")[:15])
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -43,7 +43,7 @@ class _State:
 
 
 def _greet(chan: FdChannel) -> None:
-    chan.send(P.HELLO, P.dumps({"version": P.VERSION, "pid": os.getpid()}))
+    chan.send(P.HELLO, P.HELLO_FORMAT.pack(P.VERSION, os.getpid()))
 
 
 def _import_checked(state: _State, what: str, func: Callable[[], Any]) -> Any:
@@ -105,9 +105,11 @@ def _do_send_fh(state: _State, frame: Frame) -> None:
 
 def _resolve(state: _State, frame: Frame) -> Callable[..., Any]:
     module_name, qualname = P.loads(frame.payload)
-    obj: Any = _import_checked(
-        state, f"run({module_name!r})", lambda: importlib.import_module(module_name)
-    )
+    obj: Any = sys.modules.get(module_name)
+    if obj is None:  # the hot path (module preloaded) touches nothing else
+        obj = _import_checked(
+            state, f"run({module_name!r})", lambda: importlib.import_module(module_name)
+        )
     for part in qualname.split("."):
         try:
             obj = getattr(obj, part)
@@ -122,7 +124,8 @@ def _resolve(state: _State, frame: Frame) -> Callable[..., Any]:
 
 def _do_fork(state: _State, frame: Frame) -> None:
     """Clone this template; the clone continues as the template on the new socket."""
-    new_sock = socket.socket(fileno=frame.fds[0])
+    # Family and type given: no getsockname/getsockopt probes on the hot path.
+    new_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=frame.fds[0])
     try:
         if state.broken is not None:
             raise _Refused(state.broken)
@@ -276,7 +279,7 @@ def main(fd: int = 3) -> int:
             os.fstat(std)
         except OSError:
             os.open(os.devnull, os.O_RDWR)
-    sock = socket.socket(fileno=fd)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=fd)
     sock.setblocking(True)
     chan = FdChannel(sock)
     _greet(chan)
