@@ -7,6 +7,7 @@
  * which we need for clone flags and MSG_CMSG_CLOEXEC. */
 #include <Python.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <sched.h>
 #include <signal.h>
 #include <string.h>
@@ -167,6 +168,36 @@ int fdp_fork_sibling(void)
     PyGILState_Release(gil);
     errno = saved_errno;
     return (int)pid;
+}
+
+/* Duplicate `model` up to n times into out[] (close-on-exec).  Returns how
+ * many were made; fewer than n means the last dup failed (errno says why,
+ * typically EMFILE/ENFILE: the descriptor table is full). */
+int fdp_dup_many(int model, int *out, int n)
+{
+    int i;
+    for (i = 0; i < n; i++) {
+        int fd = fcntl(model, F_DUPFD_CLOEXEC, 0);
+        if (fd < 0)
+            break;
+        out[i] = fd;
+    }
+    return i;
+}
+
+/* Close fds[0..n-1]; returns 0, or -1 with errno of the first failure. */
+int fdp_close_many(const int *fds, int n)
+{
+    int i, rc = 0, err = 0;
+    for (i = 0; i < n; i++) {
+        if (close(fds[i]) < 0 && rc == 0) {
+            rc = -1;
+            err = errno;
+        }
+    }
+    if (rc < 0)
+        errno = err;
+    return rc;
 }
 
 /* The calling thread's kernel tid (glibc < 2.30 has no gettid()). */

@@ -7,4 +7,6 @@ long fdp_send(int sock, const char *buf, size_t len, const int *fds, int nfds, i
 long fdp_recv(int sock, char *buf, size_t len, int *fds, int maxfds,
               int *nfds_out, int *msg_flags_out, int flags);
 int fdp_fork_sibling(void);
+int fdp_dup_many(int model, int *out, int n);
+int fdp_close_many(const int *fds, int n);
 int fdp_gettid(void);

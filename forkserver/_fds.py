@@ -34,6 +34,7 @@ Channels are not thread-safe; callers serialise access.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
 import struct
@@ -58,8 +59,8 @@ HEADER = struct.Struct("=IHBx")
 MAX_PAYLOAD = (1 << 32) - 1
 MAX_FDS_PER_FRAME = (1 << 16) - 1
 _CARRIER = b"F"
-_NOSIGNAL = socket.MSG_NOSIGNAL
-_MSG_CTRUNC = socket.MSG_CTRUNC
+_NOSIGNAL = int(socket.MSG_NOSIGNAL)  # plain ints: IntFlag arithmetic is slow
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
 _TABLE_FULL = (errno.EMFILE, errno.ENFILE)
 _BROKEN = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN)
 _BACKOFF_FIRST = 0.001
@@ -89,35 +90,65 @@ class _Reserve:
     """Process-wide sentinel descriptors that keep slots free for incoming fds.
 
     Shared by every channel of the process: the standing reserve is the
-    largest batch seen so far (at most 253 fds), not 253 per channel.
+    largest batch seen so far (at most 253 fds), not 253 per channel.  The
+    dup/close loops run in C: two syscalls per fd is the price of the trick.
+
+    Limit: the lock orders our own channels only.  Another thread of the
+    process that opens an fd between ``release`` and the ``recvmsg`` can take
+    a freed slot; if the table is then full, the kernel drops fds and the
+    channel raises ``ProtocolError``.
     """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self._spare: List[int] = []
+        self._spare = ffi.new("int[]", MAX_FDS_PER_MESSAGE)
+        self._count = 0
         self._model = -1
 
+    def held(self) -> List[int]:
+        """The sentinel fds currently held (for leak checks)."""
+        fds = [self._spare[i] for i in range(self._count)]
+        return fds + ([self._model] if self._model >= 0 else [])
+
     def _after_fork_child(self) -> None:
-        # The lock may have been held by another thread of the parent.
+        # The lock may have been held by another thread of the parent, and a
+        # forked child should not carry our sentinels around.
         self.lock = threading.Lock()
+        lib.fdp_close_many(self._spare, self._count)
+        self._count = 0
+        if self._model >= 0:
+            os.close(self._model)
+            self._model = -1
 
     def ensure(self, n: int) -> bool:
         """Hold at least ``n`` sentinels; False if the table is full.  Lock held."""
+        missing = n - self._count
+        if missing <= 0:
+            return True
         try:
             if self._model < 0:
-                self._model = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-            while len(self._spare) < n:
-                self._spare.append(os.dup(self._model))  # os.dup sets CLOEXEC
+                fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+                try:  # keep the model out of 0-2: a process may close its stdio
+                    self._model = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+                finally:
+                    os.close(fd)
         except OSError as exc:
             if exc.errno in _TABLE_FULL:
                 return False
             raise
+        got = lib.fdp_dup_many(self._model, self._spare + self._count, missing)
+        self._count += got
+        if got < missing:
+            err = ffi.errno
+            if err in _TABLE_FULL:
+                return False
+            raise OSError(err, f"dup of a sentinel fd: {os.strerror(err)}")
         return True
 
     def release(self, n: int) -> None:
         """Close ``n`` sentinels so the kernel can install ``n`` fds.  Lock held."""
-        for _ in range(n):
-            os.close(self._spare.pop())
+        self._count -= n
+        lib.fdp_close_many(self._spare + self._count, n)
 
 
 _reserve = _Reserve()
@@ -179,29 +210,62 @@ class FdChannel:
     # -- sending -----------------------------------------------------------------
 
     def send(self, kind: int, payload: bytes = b"", fds: Iterable[FdLike] = ()) -> None:
-        """Queue one frame and try to send it; the fds are duplicated at once.
+        """Send one frame, queueing what the socket does not take now.
 
-        The caller may close its own copies of ``fds`` as soon as this returns.
+        The caller may close its own copies of ``fds`` as soon as this
+        returns: whatever is not handed to the kernel at once is duplicated.
         """
         if self.closed:
             raise ClosedError(f"send on {self!r}: the channel was closed; open a new one")
         if len(payload) > MAX_PAYLOAD:
             raise ValueError(f"payload of {len(payload)} bytes is larger than {MAX_PAYLOAD}")
-        fdlist = [_fileno(f) for f in fds]
+        fdlist = [fd if type(fd) is int else _fileno(fd) for fd in fds]
         if len(fdlist) > MAX_FDS_PER_FRAME:
             raise ValueError(f"{len(fdlist)} fds in one frame; at most {MAX_FDS_PER_FRAME}")
-        dups: List[int] = []
-        try:
-            for fd in fdlist:
-                dups.append(os.dup(fd))
-        except BaseException:
-            for fd in dups:
-                os.close(fd)
-            raise
-        self._queue(HEADER.pack(len(payload), len(dups), kind) + payload, None)
-        for i in range(0, len(dups), MAX_FDS_PER_MESSAGE):
-            self._out.append([bytearray(_CARRIER), dups[i : i + MAX_FDS_PER_MESSAGE], 0])
-        self.flush()
+        units = [(HEADER.pack(len(payload), len(fdlist), kind) + payload, None)]
+        for i in range(0, len(fdlist), MAX_FDS_PER_MESSAGE):
+            units.append((_CARRIER, fdlist[i : i + MAX_FDS_PER_MESSAGE]))
+        done = 0
+        if not self._out:
+            # Fast path: hand the caller's own fds to the kernel, no dups.  A
+            # sendmsg takes its fds with its first byte or not at all.
+            for data, unit_fds in units:
+                n = self._sendmsg(data, 0, unit_fds)
+                if n < 0:
+                    break
+                done += 1
+                if n < len(data):
+                    self._out.append([bytearray(data[n:]), None, 0])
+                    break
+        for data, unit_fds in units[done:]:
+            dups = None
+            if unit_fds:
+                try:
+                    dups = [os.dup(fd) for fd in unit_fds]
+                except OSError:
+                    if done:  # part of the frame is in the stream: it is unusable now
+                        self.close()
+                    raise
+            if dups is None:
+                self._queue(data, None)
+            else:
+                self._out.append([bytearray(data), dups, 0])
+
+    def _sendmsg(self, data, offset: int, fds: Optional[List[int]]) -> int:
+        """One sendmsg from ``data[offset:]`` with ``fds``; bytes sent, or -1 for EAGAIN."""
+        nfds = len(fds) if fds else 0
+        cfds = ffi.new("int[]", fds) if nfds else ffi.NULL
+        with ffi.from_buffer(data) as buf:
+            while True:
+                n = lib.fdp_send(self._fd, buf + offset, len(data) - offset, cfds, nfds, _NOSIGNAL)
+                if n >= 0:
+                    return n
+                err = ffi.errno
+                if err == errno.EINTR:
+                    continue
+                if err in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    return -1
+                _raise_errno("sendmsg", self)
 
     def _queue(self, data: bytes, fds: Optional[List[int]]) -> None:
         # Bytes without fds may join the previous unit: an fd-carrying sendmsg
@@ -222,20 +286,12 @@ class FdChannel:
         while out:
             unit = out[0]
             data, fds, offset = unit
-            nfds = len(fds) if fds else 0
-            cfds = ffi.new("int[]", fds) if nfds else ffi.NULL
-            with ffi.from_buffer(data) as buf:
-                n = lib.fdp_send(self._fd, buf + offset, len(data) - offset, cfds, nfds, _NOSIGNAL)
+            n = self._sendmsg(data, offset, fds)
             if n < 0:
-                if ffi.errno == errno.EINTR:
-                    continue
-                if ffi.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
-                    return False
-                _raise_errno("sendmsg", self)
+                return False
             if fds:
                 # The kernel holds its own references now.
-                for fd in fds:
-                    os.close(fd)
+                lib.fdp_close_many(ffi.new("int[]", fds), len(fds))
                 unit[1] = None
             unit[2] += n
             if unit[2] == len(data):
@@ -291,7 +347,7 @@ class FdChannel:
                 return -1
             _raise_errno("recvmsg", self)
         if self._cflags[0] & _MSG_CTRUNC:
-            got = [self._cfds[i] for i in range(self._cnfds[0])]
+            got = ffi.unpack(self._cfds, self._cnfds[0])
             self._fail(got, "fds were truncated (MSG_CTRUNC): more than announced, or lost")
         if n == 0:
             where = "between frames" if self._hdr_got == 0 else "in the middle of a frame"
@@ -324,8 +380,8 @@ class FdChannel:
         return True
 
     def _read_carrier(self) -> bool:
-        now = time.monotonic()
         if self.stalled_until is not None:
+            now = time.monotonic()
             if now < self.stalled_until and not self._wait_stall(now):
                 return False
             self.stalled_until = None
@@ -333,7 +389,7 @@ class FdChannel:
         with _reserve.lock:
             if not _reserve.ensure(want):
                 self._stall()
-                return False
+                return self._blocking  # a blocking channel sleeps through it and retries
             _reserve.release(want)
             try:
                 n = self._recv(self._carrier_c, 1, want)
@@ -341,7 +397,7 @@ class FdChannel:
                 _reserve.ensure(want)  # best effort; checked again before the next carrier
         if n < 0:
             return False
-        got = [self._cfds[i] for i in range(self._cnfds[0])]
+        got = ffi.unpack(self._cfds, self._cnfds[0])
         if self._carrier != _CARRIER or len(got) != want:
             self._fail(got, f"expected a carrier with {want} fds, got {bytes(self._carrier)!r} with {len(got)}")
         self._backoff = 0.0

@@ -18,7 +18,7 @@ def open_fds() -> Set[int]:
 
     fds = {int(name) for name in os.listdir("/proc/self/fd")}
     fds = {fd for fd in fds if _is_open(fd)}  # drops listdir's own, now closed, fd
-    standing = set(_fds._reserve._spare) | {_fds._reserve._model}
+    standing = set(_fds._reserve.held())
     default = _template._default.template
     if default is not None:
         standing |= {default._chan.fileno(), default._pidfd}
