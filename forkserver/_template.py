@@ -15,6 +15,7 @@ import socket
 import sys
 import threading
 import time
+import weakref
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from . import _protocol as P
@@ -87,8 +88,14 @@ class Template:
         self._pid = pid  # known once HELLO is read (or at spawn)
         self._pidfd: Optional[int] = None
         self._lock = threading.RLock()
-        self._status = "starting"  # starting, ready, running, closed, broken
+        self._status = "starting"  # pending, starting, ready, running, closed, broken
         self._owner = os.getpid()
+        # A fork() is deferred until it is needed ("pending"): its first
+        # send_arg/send_fh calls ride along with the FORK command, and a
+        # run() fuses with it, so the clone starts the worker at once.
+        self._base: Optional[Template] = None
+        self._prelude: List[tuple] = []  # (kind, payload, dup'd fds)
+        self._pending: "weakref.WeakSet[Template]" = weakref.WeakSet()
         self._main_ok = False  # True when the template has the caller's __main__ (early())
 
     @classmethod
@@ -131,6 +138,8 @@ class Template:
     def pid(self) -> int:
         """The template process's pid (waits for it to greet us if need be)."""
         with self._lock:
+            if self._status == "pending":
+                self._materialize()
             if self._pid is None:
                 self._check_open("pid")
                 self._read_hello()
@@ -170,6 +179,13 @@ class Template:
     def _send(self, kind: int, payload: bytes = b"", fds: Sequence[Any] = ()) -> None:
         with self._lock:
             self._check_open(P.NAMES[kind])
+            if self._status == "pending":
+                if kind in (P.SEND_ARG, P.SEND_FH):
+                    self._prelude.append((kind, payload, _dup_all(fds)))
+                    return
+                self._materialize()
+            if self._pending:
+                self._start_pending_forks()
             try:
                 self._chan.send(kind, payload, fds)
             except BrokenChannelError as exc:
@@ -272,16 +288,60 @@ class Template:
         return self
 
     def fork(self) -> "Template":
-        """A new template: a clone of this one with everything loaded and sent so far."""
-        tpl = Template._from_channel(self._request_fork(), f"{self._origin}.fork()")
-        tpl._main_ok = self._main_ok
-        return tpl
+        """A new template: a clone of this one with everything loaded and sent so far.
 
-    def _request_fork(self) -> FdChannel:
+        The clone is made when first needed (any waiting call on it, or any
+        further command to this template), so ``t.fork().send_arg(x).run(f)``
+        costs one command and one reply.
+        """
+        with self._lock:
+            self._check_open("fork")
+            if self._status == "pending":
+                self._materialize()
+            tpl = Template.__new__(Template)
+            tpl._adopt(None, f"{self._origin}.fork()")  # type: ignore[arg-type]
+            tpl._status = "pending"
+            tpl._base = self
+            tpl._main_ok = self._main_ok
+            self._pending.add(tpl)
+            return tpl
+
+    def _start_pending_forks(self) -> None:
+        """Clone this template for each deferred fork() before its state changes."""
+        for tpl in list(self._pending):
+            # Never wait for a pending template another thread is using: it
+            # will start itself (lock order is always pending -> base).
+            if tpl._lock.acquire(blocking=False):
+                try:
+                    if tpl._status == "pending":
+                        tpl._materialize()
+                finally:
+                    tpl._lock.release()
+
+    def _materialize(self, run: Optional[tuple] = None) -> None:
+        """Send the deferred FORK (with its prelude, and ``run`` fused if given)."""
+        base = self._base
+        assert base is not None and self._status == "pending"
+        base._pending.discard(self)
+        prelude, self._prelude = self._prelude, []
+        fds = [fd for _, _, dups in prelude for fd in dups]
+        try:
+            payload = P.dumps({"prelude": [(k, p, len(d)) for k, p, d in prelude], "run": run})
+            self._chan = base._request_fork(payload, fds)
+        except BaseException:
+            self._status = "broken"
+            raise
+        finally:
+            for fd in fds:
+                os.close(fd)
+        self._status = "starting"
+        self._base = None
+
+    def _request_fork(self, payload: bytes = b"", extra_fds: Sequence[int] = ()) -> FdChannel:
         ours, theirs = socketpair()
         ours.setblocking(False)
         try:
-            self._send(P.FORK, b"", [theirs])
+            self._send(P.FORK, payload, [theirs, *extra_fds])
         except BaseException:
             ours.close()
             raise
@@ -298,7 +358,16 @@ class Template:
         """
         module, qualname = P.split_target(target, main_ok=self._main_ok)
         with self._lock:
-            frame = self._call(P.RUN, P.dumps((module, qualname)))
+            if self._status == "pending":
+                self._check_open("run")
+                self._materialize(run=(module, qualname))
+                frame = self._next_frame("run")
+                assert frame is not None
+                if frame.kind == P.RUNNING:
+                    self._pid = P.HELLO_FORMAT.unpack(frame.payload)[1]
+                    self._pidfd = open_pidfd(self._pid)
+            else:
+                frame = self._call(P.RUN, P.dumps((module, qualname)))
             if frame.kind != P.RUNNING:
                 raise ProtocolError(f"{self!r}: expected the run acknowledgement, got {P.NAMES.get(frame.kind)}")
             self._status = "running"
@@ -313,6 +382,15 @@ class Template:
         """Discard the template: its process exits and is reaped. Idempotent."""
         with self._lock:
             if self._status in ("closed", "running") or self._owner != os.getpid():
+                return
+            if self._status == "pending":  # never created: nothing to end
+                if self._base is not None:
+                    self._base._pending.discard(self)
+                for _, _, dups in self._prelude:
+                    for fd in dups:
+                        os.close(fd)
+                self._prelude = []
+                self._status = "closed"
                 return
             if self._status == "starting":
                 try:
@@ -341,6 +419,19 @@ class Template:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _dup_all(fds: Sequence[Any]) -> List[int]:
+    """Duplicates of ``fds`` (ints or objects with fileno()), all or none."""
+    dups: List[int] = []
+    try:
+        for fd in fds:
+            dups.append(os.dup(fd if isinstance(fd, int) else fd.fileno()))
+    except BaseException:
+        for fd in dups:
+            os.close(fd)
+        raise
+    return dups
 
 
 def _context(env, cwd, stdio, sys_path, gc_freeze) -> "tuple":

@@ -524,3 +524,52 @@ def test_early_forks_the_program_into_the_default_template_and_runs_main_functio
     assert out.returncode == 0, out.stderr
     words = out.stdout.split()
     assert words[0] == "hi" and words[2] == words[3]  # the worker's parent is the program
+
+
+# -- deferred forks ------------------------------------------------------------------------
+
+
+def test_a_fork_keeps_the_state_of_the_moment_it_was_asked_for():
+    with Template().require(W).send_arg("before") as tpl:
+        forked = tpl.fork()
+        tpl.send_arg("after")  # the deferred clone must not see this
+        got, code = talk(forked.send_arg("own").run(f"{W}:echo_args"))
+        assert got == ("before", "own") and code == 0
+        got, code = talk(tpl.fork().run(f"{W}:echo_args"))
+        assert got == ("before", "after") and code == 0
+
+
+def test_a_fork_that_is_never_used_creates_no_process():
+    with Template().require(W) as tpl:
+        before = set(p.pid for p in psutil.Process().children())
+        r, w = os.pipe()
+        unused = tpl.fork().send_arg(1).send_fh(r)
+        os.close(r)
+        os.close(w)
+        unused.close()  # closes the duplicated fd it was holding
+        tpl.fork()  # dropped without close
+        tpl.require("json")
+        assert set(p.pid for p in psutil.Process().children()) == before
+
+
+def test_a_bad_target_in_a_fused_fork_and_run_raises_and_leaves_nothing():
+    r, w = os.pipe()
+    with Template().require(W) as tpl:
+        with pytest.raises(AttributeError, match="no_such"):
+            tpl.fork().send_fh(r).run(f"{W}:no_such")
+        with pytest.raises(ImportError):
+            tpl.fork().run("no_such_module_q:f")
+        assert finish(tpl.fork().run(f"{W}:return_quietly")) == 0
+    os.close(r)
+    os.close(w)
+
+
+def test_fds_sent_to_a_deferred_fork_reach_the_worker_once_and_nowhere_else():
+    r, w = os.pipe()
+    with Template().require(W) as tpl:
+        child = tpl.fork().send_fh(r).run(f"{W}:read_files")
+        os.close(r)
+        os.write(w, b"to the worker")
+        os.close(w)  # the worker must see EOF: nobody else holds the write end
+        got, code = talk(child)
+    assert got == [b"to the worker"] and code == 0

@@ -104,7 +104,10 @@ def _do_send_fh(state: _State, frame: Frame) -> None:
 
 
 def _resolve(state: _State, frame: Frame) -> Callable[..., Any]:
-    module_name, qualname = P.loads(frame.payload)
+    return _resolve_target(state, *P.loads(frame.payload))
+
+
+def _resolve_target(state: _State, module_name: str, qualname: str) -> Callable[..., Any]:
     obj: Any = sys.modules.get(module_name)
     if obj is None:  # the hot path (module preloaded) touches nothing else
         obj = _import_checked(
@@ -122,35 +125,94 @@ def _resolve(state: _State, frame: Frame) -> Callable[..., Any]:
     return obj
 
 
-def _do_fork(state: _State, frame: Frame) -> None:
-    """Clone this template; the clone continues as the template on the new socket."""
+def _do_fork(state: _State, frame: Frame) -> Optional[Work]:
+    """Clone this template; the clone continues as the template on the new socket.
+
+    The payload (from a deferred ``fork()``) may carry the new template's
+    first ``send_arg``/``send_fh`` items and a fused ``run`` target.  Both are
+    decoded and resolved here, *before* the clone, so the clone does almost
+    nothing before it calls the target: it returns the work to do.
+    """
     # Family and type given: no getsockname/getsockopt probes on the hot path.
     new_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=frame.fds[0])
+    extra: List[Any] = []
+    handles: List[Any] = []  # the fd-owning items of extra
+    func = None
     try:
         if state.broken is not None:
             raise _Refused(state.broken)
+        if frame.payload:
+            spec = P.loads(frame.payload)
+            extra, handles = _decode_prelude(spec["prelude"], frame.fds[1:])
+            if spec["run"] is not None:
+                func = _resolve_target(state, *spec["run"])
         check_single_threaded(state.culprits)
         sys.stdout.flush()  # else the clone would print our buffered output again
         sys.stderr.flush()
         if state.gc_freeze:
             gc.freeze()  # keep preloaded objects' pages shared with the clones
         pid = fork_sibling()
-    except _Refused as refused:
-        FdChannel(new_sock).send(P.ERROR, refused.args[0])
-        new_sock.close()
-        return
-    except Exception as exc:
+    except BaseException as exc:
+        _close_handles(handles)
+        payload = exc.args[0] if isinstance(exc, _Refused) else P.encode_error(exc, "fork()")
         chan = FdChannel(new_sock)
-        chan.send(P.ERROR, P.encode_error(exc, "fork()"))
+        chan.send(P.ERROR, payload)
         chan.close()
-        return
+        return None
     if pid:
         new_sock.close()
-        return
+        _close_handles(handles)  # the clone has its own copies
+        return None
     # In the clone: close our copy of the template's socket, serve the new one.
     state.chan.close()
     state.chan = FdChannel(new_sock)
+    state.sent.extend(extra)
+    if func is not None:
+        state.chan.send(P.RUNNING, P.HELLO_FORMAT.pack(P.VERSION, os.getpid()))
+        return func, state.sent
     _greet(state.chan)
+    return None
+
+
+def _decode_prelude(prelude: List[Tuple[int, bytes, int]], fds: List[int]) -> Tuple[List[Any], List[Any]]:
+    """(items, handles): the send_arg/send_fh items of a deferred fork, and the fd owners."""
+    items: List[Any] = []
+    handles: List[Any] = []
+    start = 0
+    try:
+        for kind, payload, nfds in prelude:
+            if kind == P.SEND_ARG:
+                items.extend(P.loads(payload))
+            else:
+                descs = P.loads(payload)
+                batch = fds[start : start + nfds]
+                start += nfds
+                for i, (fd, desc) in enumerate(zip(batch, descs)):
+                    try:
+                        handles.append(P.rebuild_handle(fd, desc))
+                    except BaseException:
+                        for rest in batch[i:]:
+                            os.close(rest)
+                        raise
+                items.extend(handles[len(handles) - len(batch) :])
+    except BaseException:
+        for fd in fds[start:]:
+            os.close(fd)
+        _close_handles(handles)
+        raise
+    return items, handles
+
+
+def _close_handles(handles: List[Any]) -> None:
+    """Close received handles: int fds and the socket/file objects owning fds."""
+    for handle in handles:
+        try:
+            if isinstance(handle, int):
+                os.close(handle)
+            else:
+                handle.close()
+        except OSError:
+            pass
 
 
 class _Refused(Exception):
@@ -175,7 +237,9 @@ def serve(state: _State) -> Optional[Work]:
         assert frame is not None  # blocking channel
         kind = frame.kind
         if kind == P.FORK:
-            _do_fork(state, frame)
+            work = _do_fork(state, frame)
+            if work is not None:
+                return work
             continue
         name = P.NAMES.get(kind, f"kind {kind}")
         if kind in _HANDLERS:
@@ -257,8 +321,12 @@ def finish(code: int) -> "NoReturn":
     import threading
 
     try:
-        threading._shutdown()  # type: ignore[attr-defined]
-        atexit._run_exitfuncs()
+        # Each step only when there is something to do: a worker that started
+        # no thread and registered nothing exits without touching more pages.
+        if threading.active_count() > 1:
+            threading._shutdown()  # type: ignore[attr-defined]
+        if atexit._ncallbacks():
+            atexit._run_exitfuncs()
     finally:
         for stream in (sys.stdout, sys.stderr):
             try:
