@@ -9,6 +9,7 @@ with a lock, so many threads may use many templates (or one) at once.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
 import socket
@@ -531,6 +532,12 @@ class _Default:
             if tpl._status not in ("broken", "closed"):
                 tpl._broken(BrokenChannelError("gone"), "discard")
 
+    def shutdown(self) -> None:
+        """At interpreter exit: end the default template and reap it (no zombie left)."""
+        tpl, self.template = self.template, None
+        if tpl is not None and tpl._owner == os.getpid():
+            tpl.close()
+
     def after_fork_child(self) -> None:
         # A forked copy of the caller must not talk to its parent's template.
         self.lock = threading.Lock()
@@ -600,6 +607,7 @@ def _alive(tpl: Template) -> bool:
 
 _default = _Default()
 os.register_at_fork(after_in_child=_default.after_fork_child)
+atexit.register(_default.shutdown)
 
 
 def default_template() -> Template:

@@ -573,3 +573,18 @@ def test_fds_sent_to_a_deferred_fork_reach_the_worker_once_and_nowhere_else():
         os.close(w)  # the worker must see EOF: nobody else holds the write end
         got, code = talk(child)
     assert got == [b"to the worker"] and code == 0
+
+
+def test_the_default_template_ends_and_is_reaped_when_the_program_exits(tmp_path):
+    script = (
+        "import forkserver, os\n"
+        "t = forkserver.Template()\n"
+        "from forkserver._template import default_template\n"
+        "print(default_template().pid, t.pid, flush=True)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    default_pid, tpl_pid = map(int, out.split())
+    # the program reaped its default template itself: no zombie handed to init
+    assert not psutil.pid_exists(default_pid) or psutil.Process(default_pid).ppid() != 1
