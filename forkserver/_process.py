@@ -5,9 +5,9 @@ import os
 import signal
 import socket
 import threading
-from typing import Optional
+from typing import Optional, Sequence
 
-from ._wait import open_pidfd, reap, reap_now
+from ._wait import open_pidfd, reap_now, wait_readable
 
 
 class Child:
@@ -20,14 +20,25 @@ class Child:
     """
 
     def __init__(
-        self, pid: int, control: socket.socket, target: str = "", pidfd: Optional[int] = None
+        self,
+        pid: int,
+        control: socket.socket,
+        target: str = "",
+        pidfd: Optional[int] = None,
+        *,
+        check: bool = False,
+        exit_timeout: Optional[float] = None,
     ) -> None:
         self.pid = pid
         self.control = control
         self.target = target
+        #: used by ``with child:`` when the block ends normally
+        self.check = check
+        self.exit_timeout = exit_timeout
         self.returncode: Optional[int] = None
         self._pidfd: Optional[int] = open_pidfd(pid) if pidfd is None else pidfd
         self._lock = threading.Lock()
+        self._waiters = 0  # threads polling the pidfd right now
 
     def __repr__(self) -> str:
         return f"<forkserver.Child pid={self.pid} {self._state()}>"
@@ -43,13 +54,18 @@ class Child:
                 return f"killed by signal {-code}"
         return f"exited {code}"
 
-    def _reaped(self, code: Optional[int]) -> Optional[int]:
+    def _reaped(self, code: Optional[int]) -> Optional[int]:  # lock held
         if code is not None and self.returncode is None:
             self.returncode = code
-            if self._pidfd is not None:
-                os.close(self._pidfd)
-                self._pidfd = None
+        self._release_pidfd()
         return self.returncode
+
+    def _release_pidfd(self) -> None:  # lock held
+        # Close the pidfd once reaped, but never under a thread polling it:
+        # its number could be reused by an unrelated fd meanwhile.
+        if self.returncode is not None and self._waiters == 0 and self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
 
     def poll(self) -> Optional[int]:
         """The returncode if the process has exited (reaping it), else None."""
@@ -66,18 +82,100 @@ class Child:
         """
         import subprocess
 
-        if self.returncode is not None:
-            return self.returncode
-        pidfd = self._pidfd
-        if pidfd is not None:
-            from ._wait import wait_readable
-
-            if not wait_readable(pidfd, timeout):
+        with self._lock:
+            if self.returncode is not None:
+                return self.returncode
+            pidfd = self._pidfd
+            self._waiters += 1
+        try:
+            if pidfd is not None and not wait_readable(pidfd, timeout):
                 raise subprocess.TimeoutExpired(self.target or str(self.pid), timeout)
+        finally:
+            with self._lock:
+                self._waiters -= 1
+                self._release_pidfd()
         code = self.poll()
         assert code is not None
         return code
 
+    # -- signals -----------------------------------------------------------------
+
+    def send_signal(self, sig: int) -> None:
+        """Send ``sig`` through the pidfd; a no-op once the child has been reaped.
+
+        A pidfd names this process, never a later one that reuses its pid.
+        """
+        with self._lock:
+            if self.returncode is not None or self._pidfd is None:
+                return
+            signal.pidfd_send_signal(self._pidfd, sig)
+
+    def terminate(self) -> None:
+        """SIGTERM (see ``send_signal``)."""
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL (see ``send_signal``)."""
+        self.send_signal(signal.SIGKILL)
+
+    def stop(self, grace: float = 5.0, signals: Sequence[int] = (signal.SIGTERM,)) -> int:
+        """Send each of ``signals`` in turn, waiting ``grace`` seconds after each,
+        then SIGKILL; return the returncode.  Never waits forever.
+
+        ``signals=(signal.SIGINT,)`` suits programs that stop on Ctrl-C (ffmpeg);
+        ``(signal.SIGTERM, signal.SIGTERM)`` those that want it twice (GNU parallel).
+        On a child that already exited it just returns its returncode.
+        """
+        import subprocess
+
+        for sig in signals:
+            if self.poll() is not None:
+                return self.returncode  # type: ignore[return-value]
+            self.send_signal(sig)
+            try:
+                return self.wait(grace)
+            except subprocess.TimeoutExpired:
+                continue
+        self.kill()
+        return self.wait()
+
+    # -- context manager: wait on success, stop on failure ---------------------
+
+    def __enter__(self) -> "Child":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Block ended normally: wait for the exit (``exit_timeout``) and, with
+        ``check``, raise ``CalledProcessError`` on a failure.  Block raised:
+        ``stop()`` the child.  A child is never terminated on the success path.
+        """
+        import subprocess
+
+        try:
+            if exc_type is not None:
+                self.stop()
+                return
+            try:
+                code = self.wait(self.exit_timeout)
+            except subprocess.TimeoutExpired:
+                self.stop()
+                raise
+            if self.check and code != 0:
+                raise subprocess.CalledProcessError(code, self.target or str(self.pid))
+        finally:
+            self.control.close()
+
     def close(self) -> None:
         """Close the parent's end of the control socket (the process keeps running)."""
         self.control.close()
+
+    def __del__(self) -> None:
+        # Dropped while running: the reaper waits for it, so no zombie stays.
+        try:
+            if self.returncode is None and self._pidfd is not None:
+                from ._reaper import reaper
+
+                pidfd, self._pidfd = self._pidfd, None
+                reaper.adopt(self.pid, pidfd)
+        except Exception:
+            pass  # interpreter shutdown: the kernel reparents what is left

@@ -225,6 +225,8 @@ class Template:
         except Exception:
             version, pid = None, 0
         if version != P.VERSION:
+            self._status = "broken"
+            self._chan.close()
             raise ProtocolError(
                 f"{self!r} speaks protocol {version}, we speak {P.VERSION}: "
                 "the template runs another forkserver version; reinstall so both match"
@@ -350,12 +352,14 @@ class Template:
             theirs.close()
         return FdChannel(ours)
 
-    def run(self, target: Target) -> Child:
+    def run(self, target: Target, *, check: bool = False, timeout: Optional[float] = None) -> Child:
         """Turn the template into a worker running ``target(control, *sent)``.
 
         ``target`` is ``"pkg.mod:func"``, ``"pkg.mod.func"`` or a module-level
         function.  Returns once the process has started it; a missing module
-        or function raises here (and the template stays usable).
+        or function raises here (and the template stays usable).  ``check``
+        and ``timeout`` apply when the ``Child`` is used as a context manager
+        (``with t.run(f, check=True, timeout=10) as child:``).
         """
         module, qualname = P.split_target(target, main_ok=self._main_ok)
         with self._lock:
@@ -375,7 +379,9 @@ class Template:
             control = self._chan.sock  # the channel read exactly up to RUNNING
             pidfd, self._pidfd = self._pidfd, None
             assert self._pid is not None
-            return Child(self._pid, control, f"{module}:{qualname}", pidfd)
+            return Child(
+                self._pid, control, f"{module}:{qualname}", pidfd, check=check, exit_timeout=timeout
+            )
 
     # -- closing -----------------------------------------------------------------
 
@@ -414,6 +420,28 @@ class Template:
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
+
+    def __del__(self) -> None:
+        # Dropped without close(): end the process and let the reaper wait for it.
+        try:
+            if self._owner != os.getpid():
+                return
+            status = self._status
+            if status == "pending":
+                for _, _, dups in self._prelude:
+                    for fd in dups:
+                        os.close(fd)
+            elif status in ("starting", "ready") and not self._chan.closed:
+                from ._reaper import reaper
+
+                if self._pid is None:
+                    reaper.adopt_greeting(self._chan)  # it reads the pid, then closes
+                    return
+                self._chan.close()
+                pidfd, self._pidfd = self._pidfd, None
+                reaper.adopt(self._pid, pidfd)
+        except Exception:
+            pass  # interpreter shutdown: the kernel reparents what is left
 
     def __enter__(self) -> "Template":
         return self

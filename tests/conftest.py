@@ -14,11 +14,11 @@ def open_fds() -> Set[int]:
     Those are the sentinel reserve and the shared default template's socket
     and pidfd: they live as long as the process, by design.
     """
-    from forkserver import _fds, _template
+    from forkserver import _fds, _reaper, _template
 
     fds = {int(name) for name in os.listdir("/proc/self/fd")}
     fds = {fd for fd in fds if _is_open(fd)}  # drops listdir's own, now closed, fd
-    standing = set(_fds._reserve.held())
+    standing = set(_fds._reserve.held()) | _reaper.reaper.standing_fds()
     default = _template._default.template
     if default is not None:
         standing |= {default._chan.fileno(), default._pidfd}
@@ -42,6 +42,9 @@ def no_leaks():
     fds_before = open_fds()
     kids_before = child_pids()
     yield
+    from forkserver._reaper import reaper
+
+    assert reaper.wait_idle(10), "the reaper still waits for dropped processes"
     leaked_fds = open_fds() - fds_before
     leaked_kids = child_pids() - kids_before
     details = {fd: _describe(fd) for fd in leaked_fds}
