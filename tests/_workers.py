@@ -151,3 +151,25 @@ def wait_for_eof(control):
 
 def main_thread_json(control):
     control.sendall(json.dumps({"pid": os.getpid()}).encode())
+
+
+def ignore_sigterm(control):
+    """Ignore SIGTERM, say so, then wait for EOF (or a SIGKILL)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    control.sendall(b"r")
+    control.recv(1)
+
+
+def ready_then_wait(control):
+    """Say we are running (default signal handling), then wait for EOF."""
+    control.sendall(b"r")
+    control.recv(1)
+
+
+def echo_until_eof(control):
+    """cat: echo everything from the control socket until EOF, then exit 0."""
+    while True:
+        data = control.recv(65536)
+        if not data:
+            return
+        control.sendall(data)

@@ -1,0 +1,154 @@
+"""Child lifecycle: pidfd signals, the stop ladder, wait-on-success, no zombies or leaks."""
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from forkserver import Template
+from forkserver._reaper import reaper
+
+from ._workers import recv_exact
+
+pytestmark = pytest.mark.usefixtures("no_leaks")
+
+W = "tests._workers"
+
+
+@pytest.fixture(scope="module")
+def tpl():
+    with Template().require(W) as t:
+        yield t
+
+
+def started(child):
+    """Block until the worker says it runs (its signal handlers are in place)."""
+    child.control.setblocking(True)
+    child.control.settimeout(20)
+    assert recv_exact(child.control, 1) == b"r"
+    return child
+
+
+def test_stop_kills_a_child_that_ignores_sigterm_after_the_grace(tpl):
+    child = started(tpl.fork().run(f"{W}:ignore_sigterm"))
+    assert child.stop(grace=0.2) == -signal.SIGKILL
+    assert repr(child) == f"<forkserver.Child pid={child.pid} killed by SIGKILL>"
+    child.control.close()
+
+
+def test_stop_returns_minus_sigterm_for_a_child_that_exits_on_it(tpl):
+    child = started(tpl.fork().run(f"{W}:ready_then_wait"))
+    assert child.stop(grace=10) == -signal.SIGTERM
+    child.control.close()
+
+
+def test_stop_with_custom_signals_tries_each_in_turn(tpl):
+    child = started(tpl.fork().run(f"{W}:ignore_sigterm"))
+    assert child.stop(grace=0.1, signals=(signal.SIGTERM, signal.SIGINT)) == -signal.SIGINT
+    child.control.close()
+
+
+def test_stop_and_signals_on_an_exited_child_are_no_ops(tpl):
+    child = tpl.fork().run(f"{W}:return_quietly")
+    assert child.wait(20) == 0
+    assert child.stop() == 0
+    child.terminate()
+    child.kill()
+    child.send_signal(signal.SIGUSR1)
+    assert child.returncode == 0 and repr(child).endswith("exited 0>")
+    child.control.close()
+
+
+def test_signalling_a_reaped_child_never_reaches_a_process_reusing_its_pid(tpl):
+    bystander = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        child = tpl.fork().run(f"{W}:return_quietly")
+        assert child.wait(20) == 0
+        child.pid = bystander.pid  # as if the kernel had recycled the pid
+        child.kill()
+        assert bystander.poll() is None, "kill() of a reaped child hit another process"
+    finally:
+        bystander.stdin.close()
+        assert bystander.wait(20) == 0
+    child.control.close()
+
+
+def test_with_block_waits_for_the_child_on_success_and_never_terminates_it(tpl):
+    """typed-process's race: a cat-like worker that closed its output must exit 0."""
+    for _ in range(1000):
+        with tpl.fork().run(f"{W}:echo_until_eof", check=True, timeout=20) as child:
+            control = child.control
+            control.setblocking(True)
+            control.settimeout(20)
+            control.sendall(b"ping")
+            control.shutdown(socket.SHUT_WR)
+            data = b""
+            while True:
+                chunk = control.recv(100)
+                if not chunk:
+                    break
+                data += chunk
+            assert data == b"ping"
+        assert child.returncode == 0
+
+
+def test_with_block_raises_called_process_error_for_a_failure_when_checking(tpl):
+    with pytest.raises(subprocess.CalledProcessError) as info:
+        with tpl.fork().send_arg(3).run(f"{W}:exit_with", check=True):
+            pass
+    assert info.value.returncode == 3
+    with tpl.fork().send_arg(3).run(f"{W}:exit_with") as child:  # no check: no error
+        pass
+    assert child.returncode == 3
+
+
+def test_with_block_stops_the_child_when_the_block_raises(tpl):
+    with pytest.raises(KeyError):
+        with tpl.fork().run(f"{W}:ready_then_wait") as child:
+            started(child)
+            raise KeyError("boom")
+    assert child.returncode == -signal.SIGTERM
+
+
+def test_with_block_timeout_stops_the_child_and_raises(tpl):
+    with pytest.raises(subprocess.TimeoutExpired):
+        with tpl.fork().run(f"{W}:ready_then_wait", timeout=0.2) as child:
+            started(child)
+    assert child.returncode == -signal.SIGTERM
+
+
+def _our_zombies():
+    return [p.pid for p in psutil.Process().children() if p.status() == psutil.STATUS_ZOMBIE]
+
+
+def lifecycles(count):
+    """Mix waited children, dropped children and dropped un-run templates."""
+    with Template().require(W) as base:
+        for i in range(count):
+            mode = i % 3
+            if mode == 0:
+                child = base.fork().run(f"{W}:return_quietly")
+                assert child.wait(20) == 0
+                child.control.close()
+            elif mode == 1:
+                base.fork().run(f"{W}:return_quietly")  # dropped at once, still running
+            else:
+                base.fork().pid  # an un-run template, dropped after it exists
+    gc.collect()
+    assert reaper.wait_idle(30), f"{reaper.pending()} dropped processes never reaped"
+    assert _our_zombies() == []
+
+
+def test_2000_mixed_lifecycles_leave_no_zombie_and_no_fd():
+    lifecycles(2000)
+
+
+@pytest.mark.slow
+def test_10000_mixed_lifecycles_leave_no_zombie_and_no_fd():
+    lifecycles(10000)
