@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import os
 import pickle
+import signal
 import socket
 import sys
 import threading
@@ -352,7 +353,14 @@ class Template:
             theirs.close()
         return FdChannel(ours)
 
-    def run(self, target: Target, *, check: bool = False, timeout: Optional[float] = None) -> Child:
+    def run(
+        self,
+        target: Target,
+        *,
+        check: bool = False,
+        timeout: Optional[float] = None,
+        die_with_parent: Union[bool, int] = False,
+    ) -> Child:
         """Turn the template into a worker running ``target(control, *sent)``.
 
         ``target`` is ``"pkg.mod:func"``, ``"pkg.mod.func"`` or a module-level
@@ -360,19 +368,25 @@ class Template:
         or function raises here (and the template stays usable).  ``check``
         and ``timeout`` apply when the ``Child`` is used as a context manager
         (``with t.run(f, check=True, timeout=10) as child:``).
+        ``die_with_parent=True`` (or a signal number) sends the worker
+        SIGKILL (or that signal) when this process exits, even if it is
+        killed; by default workers outlive their parent.
         """
+        if die_with_parent is True:
+            die_with_parent = int(signal.SIGKILL)
+        opts = {"die_with_parent": int(die_with_parent)} if die_with_parent else {}
         module, qualname = P.split_target(target, main_ok=self._main_ok)
         with self._lock:
             if self._status == "pending":
                 self._check_open("run")
-                self._materialize(run=(module, qualname))
+                self._materialize(run=(module, qualname, opts))
                 frame = self._next_frame("run")
                 assert frame is not None
                 if frame.kind == P.RUNNING:
                     self._pid = P.HELLO_FORMAT.unpack(frame.payload)[1]
                     self._pidfd = open_pidfd(self._pid)
             else:
-                frame = self._call(P.RUN, P.dumps((module, qualname)))
+                frame = self._call(P.RUN, P.dumps((module, qualname, opts)))
             if frame.kind != P.RUNNING:
                 raise ProtocolError(f"{self!r}: expected the run acknowledgement, got {P.NAMES.get(frame.kind)}")
             self._status = "running"

@@ -152,3 +152,27 @@ def test_2000_mixed_lifecycles_leave_no_zombie_and_no_fd():
 @pytest.mark.slow
 def test_10000_mixed_lifecycles_leave_no_zombie_and_no_fd():
     lifecycles(10000)
+
+
+def test_a_template_killed_mid_require_raises_broken_template_error_and_the_next_works():
+    from forkserver import BrokenTemplateError
+
+    doomed = Template()
+    with pytest.raises(BrokenTemplateError) as info:
+        doomed.require("tests._dies_on_import")
+    assert info.value.__cause__ is not None
+    with Template().require(W) as fresh:  # the next Template() works
+        child = fresh.fork().run(f"{W}:return_quietly")
+        assert child.wait(20) == 0
+        child.control.close()
+
+
+def test_running_children_are_unaffected_when_their_template_dies(tpl):
+    with Template().require(W) as t:
+        child = started(t.fork().run(f"{W}:ready_then_wait"))
+        os.kill(t.pid, signal.SIGKILL)
+        with pytest.raises(Exception):
+            t.require("json")
+        assert child.poll() is None  # still running
+        child.control.close()  # EOF: it returns
+        assert child.wait(20) == 0

@@ -85,3 +85,32 @@ def set_title(title: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def watch_parent(sig: int) -> None:
+    """Send ourselves ``sig`` when our parent *process* exits (``die_with_parent``).
+
+    ``PR_SET_PDEATHSIG`` fires when the parent *thread* that created us
+    exits — with ``clone(CLONE_PARENT)`` that is whichever thread of the
+    user's process started the template, possibly long gone.  A pidfd of
+    the parent process becomes readable only when the whole process exits,
+    so a small daemon thread polls it instead.
+    """
+    import select
+
+    ppid = os.getppid()
+    try:
+        pidfd = os.pidfd_open(ppid)
+    except OSError:
+        os.kill(os.getpid(), sig)  # the parent is already gone
+        return
+    if os.getppid() != ppid:  # it died between the two calls: we were reparented
+        os.close(pidfd)
+        os.kill(os.getpid(), sig)
+        return
+
+    def wait_then_signal() -> None:
+        select.select([pidfd], [], [])
+        os.kill(os.getpid(), sig)
+
+    threading.Thread(target=wait_then_signal, name="forkserver-parent-watch", daemon=True).start()

@@ -21,9 +21,9 @@ from typing import Any, Callable, List, NoReturn, Optional, Tuple
 from .. import _protocol as P
 from .._errors import BrokenChannelError, ForkserverError
 from .._fds import FdChannel, Frame, fork_sibling
-from ._hygiene import check_single_threaded, set_title, thread_count, thread_limits
+from ._hygiene import check_single_threaded, set_title, thread_count, thread_limits, watch_parent
 
-Work = Tuple[Callable[..., Any], List[Any]]
+Work = Tuple[Callable[..., Any], List[Any], dict]  # func, sent items, run options
 _eval_counter = itertools.count(1)
 
 
@@ -103,8 +103,9 @@ def _do_send_fh(state: _State, frame: Frame) -> None:
     state.sent.extend(P.rebuild_handle(fd, desc) for fd, desc in zip(frame.fds, descs))
 
 
-def _resolve(state: _State, frame: Frame) -> Callable[..., Any]:
-    return _resolve_target(state, *P.loads(frame.payload))
+def _resolve(state: _State, frame: Frame) -> Tuple[Callable[..., Any], dict]:
+    module_name, qualname, opts = P.loads(frame.payload)
+    return _resolve_target(state, module_name, qualname), opts
 
 
 def _resolve_target(state: _State, module_name: str, qualname: str) -> Callable[..., Any]:
@@ -145,7 +146,8 @@ def _do_fork(state: _State, frame: Frame) -> Optional[Work]:
             spec = P.loads(frame.payload)
             extra, handles = _decode_prelude(spec["prelude"], frame.fds[1:])
             if spec["run"] is not None:
-                func = _resolve_target(state, *spec["run"])
+                module_name, qualname, opts = spec["run"]
+                func = _resolve_target(state, module_name, qualname)
         check_single_threaded(state.culprits)
         sys.stdout.flush()  # else the clone would print our buffered output again
         sys.stderr.flush()
@@ -169,7 +171,7 @@ def _do_fork(state: _State, frame: Frame) -> Optional[Work]:
     state.sent.extend(extra)
     if func is not None:
         state.chan.send(P.RUNNING, P.HELLO_FORMAT.pack(P.VERSION, os.getpid()))
-        return func, state.sent
+        return func, state.sent, opts
     _greet(state.chan)
     return None
 
@@ -265,12 +267,12 @@ def serve(state: _State) -> Optional[Work]:
             continue
         if kind == P.RUN:
             try:
-                func = _resolve(state, frame)
+                func, opts = _resolve(state, frame)
             except BaseException as exc:
                 state.reply_error(exc, name)
                 continue
             state.chan.send(P.RUNNING)
-            return func, state.sent
+            return func, state.sent, opts
         raise ForkserverError(f"template {os.getpid()}: unknown command kind {kind}")
 
 
@@ -281,10 +283,12 @@ def _work(chan: FdChannel, work: Work) -> int:
     ``SystemExit``.  ``KeyboardInterrupt`` propagates: Python then ends the
     process with SIGINT, as it would at top level.
     """
-    func, sent = work
+    func, sent, opts = work
     control = chan.sock  # blocking, close-on-exec
     set_title("fs:" + getattr(func, "__name__", "worker"))
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    if opts.get("die_with_parent"):
+        watch_parent(opts["die_with_parent"])
     try:
         func(control, *sent)
     except SystemExit as exc:
