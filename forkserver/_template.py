@@ -374,7 +374,7 @@ class Template:
         """
         if die_with_parent is True:
             die_with_parent = int(signal.SIGKILL)
-        opts = {"die_with_parent": int(die_with_parent)} if die_with_parent else {}
+        opts = {"die_with_parent": int(die_with_parent), "parent": os.getpid()} if die_with_parent else {}
         module, qualname = P.split_target(target, main_ok=self._main_ok)
         with self._lock:
             if self._status == "pending":

@@ -173,3 +173,8 @@ def echo_until_eof(control):
         if not data:
             return
         control.sendall(data)
+
+
+def wait_on_pipe(control, fd):
+    """Block until the pipe ``fd`` has data or EOF (independent of the parent)."""
+    os.read(fd, 1)

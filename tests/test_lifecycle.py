@@ -176,3 +176,67 @@ def test_running_children_are_unaffected_when_their_template_dies(tpl):
         assert child.poll() is None  # still running
         child.control.close()  # EOF: it returns
         assert child.wait(20) == 0
+
+
+PARENT_SCRIPT = """
+import json, os, sys
+import forkserver
+pipe_r = int(sys.argv[1])
+base = forkserver.Template().require("tests._workers")
+unrun = base.fork()
+unrun.pid
+# both block on the pipe, not on their control socket (whose EOF would end them anyway)
+doomed = base.fork().send_fh(pipe_r).run("tests._workers:wait_on_pipe", die_with_parent=True)
+survivor = base.fork().send_fh(pipe_r).run("tests._workers:wait_on_pipe")
+from forkserver._template import default_template
+print(json.dumps({"templates": [default_template().pid, base.pid, unrun.pid],
+                  "doomed": doomed.pid, "survivor": survivor.pid}), flush=True)
+sys.stdin.read()
+"""
+
+
+def _set_subreaper(on):
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(36, int(on), 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+
+
+def _gone_within(pid, seconds):
+    from forkserver._wait import wait_readable
+
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return wait_readable(pidfd, seconds)
+    finally:
+        os.close(pidfd)
+
+
+def test_when_the_parent_is_sigkilled_its_templates_and_die_with_parent_workers_exit():
+    import json
+
+    pipe_r, pipe_w = os.pipe()
+    _set_subreaper(True)  # orphans come to us, so the test can reap them
+    try:
+        parent = subprocess.Popen(
+            [sys.executable, "-c", PARENT_SCRIPT, str(pipe_r)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=[pipe_r],
+        )
+        os.close(pipe_r)
+        pids = json.loads(parent.stdout.readline())
+        parent.kill()
+        parent.wait(20)
+        parent.stdin.close()
+        parent.stdout.close()
+        for pid in pids["templates"] + [pids["doomed"]]:
+            assert _gone_within(pid, 1.0), f"pid {pid} outlived its parent by over 1 s"
+        assert psutil.Process(pids["survivor"]).status() != psutil.STATUS_ZOMBIE
+        os.close(pipe_w)  # lets the survivor return
+        assert _gone_within(pids["survivor"], 20)
+        for pid in pids["templates"] + [pids["doomed"], pids["survivor"]]:
+            os.waitpid(pid, 0)  # reparented to us: reap
+    finally:
+        _set_subreaper(False)

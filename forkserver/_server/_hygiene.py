@@ -87,7 +87,7 @@ def set_title(title: str) -> None:
         os.close(fd)
 
 
-def watch_parent(sig: int) -> None:
+def watch_parent(sig: int, parent: int) -> None:
     """Send ourselves ``sig`` when our parent *process* exits (``die_with_parent``).
 
     ``PR_SET_PDEATHSIG`` fires when the parent *thread* that created us
@@ -98,13 +98,12 @@ def watch_parent(sig: int) -> None:
     """
     import select
 
-    ppid = os.getppid()
     try:
-        pidfd = os.pidfd_open(ppid)
+        pidfd = os.pidfd_open(parent)
     except OSError:
         os.kill(os.getpid(), sig)  # the parent is already gone
         return
-    if os.getppid() != ppid:  # it died between the two calls: we were reparented
+    if os.getppid() != parent:  # it died before we looked: we were reparented
         os.close(pidfd)
         os.kill(os.getpid(), sig)
         return

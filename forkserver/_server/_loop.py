@@ -288,7 +288,7 @@ def _work(chan: FdChannel, work: Work) -> int:
     set_title("fs:" + getattr(func, "__name__", "worker"))
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if opts.get("die_with_parent"):
-        watch_parent(opts["die_with_parent"])
+        watch_parent(opts["die_with_parent"], opts["parent"])
     try:
         func(control, *sent)
     except SystemExit as exc:
