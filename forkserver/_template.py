@@ -30,6 +30,8 @@ Handle = Union[int, socket.socket, Any]
 Target = Union[str, Callable[..., Any]]
 
 _CLOSE_GRACE = 5.0  # seconds a closed template gets to exit before SIGKILL
+_WAIT = object()  # _step: nothing complete yet, wait for the socket
+_HELLO_READ = object()  # _step: the greeting was read
 
 
 class Template:
@@ -198,27 +200,39 @@ class Template:
 
         Raises the remote error for an ERROR frame.
         """
-        chan = self._chan
         while True:
-            try:
-                chan.flush()
-                frame = chan.receive()
-            except (BrokenChannelError, ProtocolError) as exc:
-                raise self._broken(exc, what) from exc
-            if frame is None:
-                wait_channel(chan, None)
+            frame = self._step(what)
+            if frame is _WAIT:
+                wait_channel(self._chan, None)
                 continue
-            if frame.kind == P.HELLO and self._status == "starting":
-                self._hello(frame)
+            if frame is _HELLO_READ:
                 if until_hello:
                     return None
                 continue
-            if frame.kind == P.ERROR:
-                if self._status == "starting":  # the fork itself failed
-                    self._status = "broken"
-                    self._chan.close()
-                raise P.decode_error(frame.payload)
-            return frame
+            return frame  # type: ignore[return-value]
+
+    def _step(self, what: str) -> Any:
+        """One non-blocking step of reading a reply: a Frame, _WAIT or _HELLO_READ.
+
+        Shared by the blocking calls here and the coroutines of ``forkserver.aio``.
+        """
+        chan = self._chan
+        try:
+            chan.flush()
+            frame = chan.receive()
+        except (BrokenChannelError, ProtocolError) as exc:
+            raise self._broken(exc, what) from exc
+        if frame is None:
+            return _WAIT
+        if frame.kind == P.HELLO and self._status == "starting":
+            self._hello(frame)
+            return _HELLO_READ
+        if frame.kind == P.ERROR:
+            if self._status == "starting":  # the fork itself failed
+                self._status = "broken"
+                self._chan.close()
+            raise P.decode_error(frame.payload)
+        return frame
 
     def _hello(self, frame: Frame) -> None:
         try:
@@ -372,30 +386,35 @@ class Template:
         SIGKILL (or that signal) when this process exits, even if it is
         killed; by default workers outlive their parent.
         """
+        with self._lock:
+            target_names = self._start_run(target, die_with_parent)
+            return self._finish_run(self._next_frame("run"), target_names, check, timeout)
+
+    def _start_run(self, target: Target, die_with_parent: Union[bool, int]) -> str:
+        """Send the run (fused with a deferred fork when there is one); lock held."""
         if die_with_parent is True:
             die_with_parent = int(signal.SIGKILL)
         opts = {"die_with_parent": int(die_with_parent), "parent": os.getpid()} if die_with_parent else {}
         module, qualname = P.split_target(target, main_ok=self._main_ok)
-        with self._lock:
-            if self._status == "pending":
-                self._check_open("run")
-                self._materialize(run=(module, qualname, opts))
-                frame = self._next_frame("run")
-                assert frame is not None
-                if frame.kind == P.RUNNING:
-                    self._pid = P.HELLO_FORMAT.unpack(frame.payload)[1]
-                    self._pidfd = open_pidfd(self._pid)
-            else:
-                frame = self._call(P.RUN, P.dumps((module, qualname, opts)))
-            if frame.kind != P.RUNNING:
-                raise ProtocolError(f"{self!r}: expected the run acknowledgement, got {P.NAMES.get(frame.kind)}")
-            self._status = "running"
-            control = self._chan.sock  # the channel read exactly up to RUNNING
-            pidfd, self._pidfd = self._pidfd, None
-            assert self._pid is not None
-            return Child(
-                self._pid, control, f"{module}:{qualname}", pidfd, check=check, exit_timeout=timeout
-            )
+        if self._status == "pending":
+            self._check_open("run")
+            self._materialize(run=(module, qualname, opts))
+        else:
+            self._send(P.RUN, P.dumps((module, qualname, opts)))
+        return f"{module}:{qualname}"
+
+    def _finish_run(self, frame: Any, target: str, check: bool, timeout: Optional[float]) -> Child:
+        """Turn the RUNNING reply into a Child; lock held."""
+        if frame is None or frame.kind != P.RUNNING:
+            kind = P.NAMES.get(frame.kind) if frame is not None else None
+            raise ProtocolError(f"{self!r}: expected the run acknowledgement, got {kind}")
+        if self._pid is None:  # a fused fork and run: the pid comes with the reply
+            self._pid = P.HELLO_FORMAT.unpack(frame.payload)[1]
+            self._pidfd = open_pidfd(self._pid)
+        self._status = "running"
+        control = self._chan.sock  # the channel read exactly up to RUNNING
+        pidfd, self._pidfd = self._pidfd, None
+        return Child(self._pid, control, target, pidfd, check=check, exit_timeout=timeout)
 
     # -- closing -----------------------------------------------------------------
 

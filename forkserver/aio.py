@@ -1,0 +1,195 @@
+"""asyncio support: await templates and children without blocking the event loop.
+
+    import forkserver.aio as aio
+
+    tpl = await aio.require(forkserver.Template(), "mymod")
+    async with await aio.run(tpl.fork(), "mymod:work", check=True) as child:
+        ...                                   # the block ends: await its exit
+    code = child.returncode
+
+Waiting uses no threads: a child's exit is awaited on its pidfd and template
+replies on their socket, both with ``loop.add_reader``.  ``Template()`` and
+``fork()`` themselves do not wait on anything long and stay synchronous.
+Use one template either from coroutines or from threads, not both at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import weakref
+from typing import Any, Optional, Sequence, Union
+
+from . import _protocol as P
+from ._process import Child
+from ._template import _HELLO_READ, _WAIT, Target, Template
+
+__all__ = ["require", "eval", "run", "wait", "AsyncChild"]
+
+_locks: "weakref.WeakKeyDictionary[Template, asyncio.Lock]" = weakref.WeakKeyDictionary()
+
+
+def _lock_for(tpl: Template) -> asyncio.Lock:
+    lock = _locks.get(tpl)
+    if lock is None:
+        lock = _locks[tpl] = asyncio.Lock()
+    return lock
+
+
+async def _fd_ready(fd: int, write: bool = False, delay: Optional[float] = None) -> None:
+    """Resolve when ``fd`` is readable (or writable, with ``write``), or after ``delay``."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+
+    def wake() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_reader(fd, wake)
+    if write:
+        loop.add_writer(fd, wake)
+    timer = loop.call_later(delay, wake) if delay is not None else None
+    try:
+        await fut
+    finally:
+        loop.remove_reader(fd)
+        if write:
+            loop.remove_writer(fd)
+        if timer is not None:
+            timer.cancel()
+
+
+async def _next_frame(tpl: Template, what: str) -> Any:
+    while True:
+        with tpl._lock:
+            frame = tpl._step(what)
+        if frame is _HELLO_READ:
+            continue
+        if frame is not _WAIT:
+            return frame
+        chan = tpl._chan
+        delay = None
+        if chan.stalled_until is not None:
+            delay = max(0.0, chan.stalled_until - asyncio.get_running_loop().time())
+        await _fd_ready(chan.fileno(), chan.pending_output, delay)
+
+
+async def _call(tpl: Template, kind: int, payload: bytes) -> Any:
+    async with _lock_for(tpl):
+        tpl._send(kind, payload)
+        return await _next_frame(tpl, P.NAMES[kind])
+
+
+async def require(tpl: Template, *modules: str) -> Template:
+    """``tpl.require(*modules)`` without blocking the loop. Returns ``tpl``."""
+    for name in modules:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"require({name!r}): module names are non-empty strings")
+    await _call(tpl, P.REQUIRE, P.dumps(modules))
+    return tpl
+
+
+async def eval(tpl: Template, source: str, *args: Any) -> Template:  # noqa: A001 - mirrors Template.eval
+    """``tpl.eval(source, *args)`` without blocking the loop. Returns ``tpl``."""
+    if not isinstance(source, str):
+        raise TypeError(f"eval(): source must be a str, got {type(source).__name__}")
+    await _call(tpl, P.EVAL, P.dumps((source, args)))
+    return tpl
+
+
+async def run(
+    tpl: Template,
+    target: Target,
+    *,
+    check: bool = False,
+    timeout: Optional[float] = None,
+    die_with_parent: Union[bool, int] = False,
+) -> "AsyncChild":
+    """``tpl.run(target)`` without blocking the loop; returns an ``AsyncChild``."""
+    async with _lock_for(tpl):
+        with tpl._lock:
+            name = tpl._start_run(target, die_with_parent)
+        frame = await _next_frame(tpl, "run")
+        with tpl._lock:
+            return AsyncChild(tpl._finish_run(frame, name, check, timeout))
+
+
+async def wait(child: Child, timeout: Optional[float] = None) -> int:
+    """Await the exit of ``child`` (a ``Child``) and return its returncode.
+
+    Raises ``subprocess.TimeoutExpired`` after ``timeout`` seconds (the
+    child keeps running).
+    """
+    with child._lock:
+        if child.returncode is not None:
+            return child.returncode
+        pidfd = child._pidfd
+        child._waiters += 1
+    try:
+        if pidfd is not None:
+            try:
+                await asyncio.wait_for(_fd_ready(pidfd), timeout)
+            except asyncio.TimeoutError:
+                raise subprocess.TimeoutExpired(child.target or str(child.pid), timeout) from None
+    finally:
+        with child._lock:
+            child._waiters -= 1
+            child._release_pidfd()
+    code = child.poll()
+    assert code is not None
+    return code
+
+
+class AsyncChild:
+    """A ``Child`` with awaitable ``wait``/``stop`` and ``async with``.
+
+    Everything else (``pid``, ``control``, ``returncode``, ``poll``,
+    ``send_signal``, ``terminate``, ``kill``) is the wrapped child's.
+    ``async with`` waits for the exit when the block ends normally (raising
+    ``CalledProcessError`` with ``check``) and stops the child when it raises.
+    """
+
+    def __init__(self, child: Child) -> None:
+        self.child = child
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.child, name)
+
+    def __repr__(self) -> str:
+        return repr(self.child).replace("forkserver.Child", "forkserver.aio.AsyncChild")
+
+    async def wait(self, timeout: Optional[float] = None) -> int:
+        """Await the exit; see ``forkserver.aio.wait``."""
+        return await wait(self.child, timeout)
+
+    async def stop(self, grace: float = 5.0, signals: Sequence[int] = (signal.SIGTERM,)) -> int:
+        """The stop ladder of ``Child.stop``, awaited."""
+        for sig in signals:
+            if self.child.poll() is not None:
+                return self.child.returncode  # type: ignore[return-value]
+            self.child.send_signal(sig)
+            try:
+                return await self.wait(grace)
+            except subprocess.TimeoutExpired:
+                continue
+        self.child.kill()
+        return await self.wait()
+
+    async def __aenter__(self) -> "AsyncChild":
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        child = self.child
+        try:
+            if exc_type is not None:
+                await self.stop()
+                return
+            try:
+                code = await self.wait(child.exit_timeout)
+            except subprocess.TimeoutExpired:
+                await self.stop()
+                raise
+            if child.check and code != 0:
+                raise subprocess.CalledProcessError(code, child.target or str(child.pid))
+        finally:
+            child.control.close()
