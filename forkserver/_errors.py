@@ -17,6 +17,7 @@ __all__ = [
     "RemoteError",
     "RemoteTraceback",
     "ThreadedTemplateError",
+    "PidfdUnavailableError",
 ]
 
 
@@ -73,3 +74,7 @@ class ThreadedTemplateError(ForkserverError):
     threads that do not exist there (children hang).  The message names the
     threads and the ``require``/``eval`` that started them.
     """
+
+
+class PidfdUnavailableError(ForkserverError):
+    """This kernel or Python has no pidfd_open: forkserver needs Linux 5.3 or newer."""

@@ -94,6 +94,7 @@ class Template:
         self._lock = threading.RLock()
         self._status = "starting"  # pending, starting, ready, running, closed, broken
         self._owner = os.getpid()
+        _live.add(self)
         # A fork() is deferred until it is needed ("pending"): its first
         # send_arg/send_fh calls ride along with the FORK command, and a
         # run() fuses with it, so the clone starts the worker at once.
@@ -374,6 +375,7 @@ class Template:
         check: bool = False,
         timeout: Optional[float] = None,
         die_with_parent: Union[bool, int] = False,
+        kill_on_exit: bool = False,
     ) -> Child:
         """Turn the template into a worker running ``target(control, *sent)``.
 
@@ -384,11 +386,15 @@ class Template:
         (``with t.run(f, check=True, timeout=10) as child:``).
         ``die_with_parent=True`` (or a signal number) sends the worker
         SIGKILL (or that signal) when this process exits, even if it is
-        killed; by default workers outlive their parent.
+        killed; by default workers outlive their parent.  ``kill_on_exit=True``
+        SIGKILLs and reaps the worker when this interpreter exits normally.
         """
         with self._lock:
             target_names = self._start_run(target, die_with_parent)
-            return self._finish_run(self._next_frame("run"), target_names, check, timeout)
+            child = self._finish_run(self._next_frame("run"), target_names, check, timeout)
+        if kill_on_exit:
+            _kill_on_exit.add(child)
+        return child
 
     def _start_run(self, target: Target, die_with_parent: Union[bool, int]) -> str:
         """Send the run (fused with a deferred fork when there is one); lock held."""
@@ -668,7 +674,25 @@ def _alive(tpl: Template) -> bool:
 
 _default = _Default()
 os.register_at_fork(after_in_child=_default.after_fork_child)
-atexit.register(_default.shutdown)
+_live: "weakref.WeakSet[Template]" = weakref.WeakSet()  # templates to end at exit
+_kill_on_exit: "weakref.WeakSet[Child]" = weakref.WeakSet()
+
+
+def _at_exit() -> None:
+    """Interpreter exit: templates end (and are reaped); kill_on_exit workers die.
+
+    Other running workers are left running: they are yours, as with subprocess.
+    """
+    for child in list(_kill_on_exit):
+        child.kill()
+        child.wait()
+    for tpl in list(_live):
+        if tpl is not _default.template and tpl._status not in ("running", "closed"):
+            tpl.close()
+    _default.shutdown()
+
+
+atexit.register(_at_exit)
 
 
 def default_template() -> Template:

@@ -14,14 +14,10 @@ import select
 import time
 from typing import Optional
 
-from ._errors import ForkserverError
+from ._errors import ForkserverError, PidfdUnavailableError
 from ._fds import FdChannel
 
 MIN_KERNEL = "5.3"
-
-
-class PidfdUnavailableError(ForkserverError):
-    """This kernel has no pidfd_open (Linux 5.3 or newer is required)."""
 
 
 def open_pidfd(pid: int) -> int:

@@ -240,3 +240,36 @@ def test_when_the_parent_is_sigkilled_its_templates_and_die_with_parent_workers_
             os.waitpid(pid, 0)  # reparented to us: reap
     finally:
         _set_subreaper(False)
+
+
+def test_at_exit_templates_end_kill_on_exit_workers_die_and_others_keep_running():
+    import json
+
+    pipe_r, pipe_w = os.pipe()
+    script = (
+        "import json, sys, forkserver\n"
+        "r = int(sys.argv[1])\n"
+        "t = forkserver.Template().require('tests._workers')\n"
+        "spare = t.fork(); spare.pid\n"
+        "k = t.fork().send_fh(r).run('tests._workers:wait_on_pipe', kill_on_exit=True)\n"
+        "s = t.fork().send_fh(r).run('tests._workers:wait_on_pipe')\n"
+        "print(json.dumps([t.pid, spare.pid, k.pid, s.pid]), flush=True)\n"
+    )
+    _set_subreaper(True)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script, str(pipe_r)], stdout=subprocess.PIPE, pass_fds=[pipe_r]
+        )
+        out = proc.stdout.readline()  # not to EOF: the survivor shares this stdout
+        assert proc.wait(60) == 0
+        proc.stdout.close()
+        os.close(pipe_r)
+        tpl_pid, spare_pid, killed_pid, survivor_pid = json.loads(out)
+        for pid in (tpl_pid, spare_pid, killed_pid):  # reaped by the program itself
+            assert not psutil.pid_exists(pid)
+        assert psutil.Process(survivor_pid).status() != psutil.STATUS_ZOMBIE
+        os.close(pipe_w)
+        assert _gone_within(survivor_pid, 20)
+        os.waitpid(survivor_pid, 0)
+    finally:
+        _set_subreaper(False)
