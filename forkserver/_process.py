@@ -1,11 +1,12 @@
 """``Child``: a running worker process, in the parent."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import threading
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from ._wait import open_pidfd, reap_now, wait_readable
 
@@ -80,20 +81,30 @@ class Child:
         Raises ``subprocess.TimeoutExpired`` if it is still running after
         ``timeout`` seconds (the process is left running).
         """
-        import subprocess
+        with self._waiting() as pidfd:
+            if pidfd is not None and not wait_readable(pidfd, timeout):
+                raise self._timeout(timeout)
+        return self._reap_after_wait()
 
+    @contextlib.contextmanager
+    def _waiting(self) -> Iterator[Optional[int]]:
+        """Yield the pidfd to wait on (None once reaped), kept open meanwhile."""
         with self._lock:
-            if self.returncode is not None:
-                return self.returncode
-            pidfd = self._pidfd
+            pidfd = None if self.returncode is not None else self._pidfd
             self._waiters += 1
         try:
-            if pidfd is not None and not wait_readable(pidfd, timeout):
-                raise subprocess.TimeoutExpired(self.target or str(self.pid), timeout)
+            yield pidfd
         finally:
             with self._lock:
                 self._waiters -= 1
                 self._release_pidfd()
+
+    def _timeout(self, timeout: Optional[float]) -> Exception:
+        import subprocess
+
+        return subprocess.TimeoutExpired(self.target or str(self.pid), timeout)
+
+    def _reap_after_wait(self) -> int:
         code = self.poll()
         assert code is not None
         return code

@@ -120,24 +120,13 @@ async def wait(child: Child, timeout: Optional[float] = None) -> int:
     Raises ``subprocess.TimeoutExpired`` after ``timeout`` seconds (the
     child keeps running).
     """
-    with child._lock:
-        if child.returncode is not None:
-            return child.returncode
-        pidfd = child._pidfd
-        child._waiters += 1
-    try:
+    with child._waiting() as pidfd:
         if pidfd is not None:
             try:
                 await asyncio.wait_for(_fd_ready(pidfd), timeout)
             except asyncio.TimeoutError:
-                raise subprocess.TimeoutExpired(child.target or str(child.pid), timeout) from None
-    finally:
-        with child._lock:
-            child._waiters -= 1
-            child._release_pidfd()
-    code = child.poll()
-    assert code is not None
-    return code
+                raise child._timeout(timeout) from None
+    return child._reap_after_wait()
 
 
 class AsyncChild:
