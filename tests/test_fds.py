@@ -441,3 +441,37 @@ def test_socketpair_ends_are_close_on_exec():
         assert stat.S_ISSOCK(os.fstat(s.fileno()).st_mode)
     a.close()
     b.close()
+
+
+def test_a_blocking_receiver_with_a_full_table_raises_fd_table_full_and_loses_nothing():
+    from forkserver import FdTableFullError
+
+    a, b = socketpair()
+    tx = FdChannel(a)
+    r = pipe_carrying(7)
+    tx.send(1, b"one", [r])
+    os.close(r)
+
+    def receiver():
+        a.close()
+        chan = FdChannel(b, fd_wait=0.05)  # blocking socket
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        top = max(int(n) for n in os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (top + 20, hard))  # quick to fill
+        filler = []
+        try:
+            while True:
+                filler.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError:
+            pass  # the table is full now
+        with pytest.raises(FdTableFullError, match="nothing was lost"):
+            chan.receive()
+        for fd in filler:
+            os.close(fd)
+        frame = chan.receive()  # the same frame, intact
+        assert frame.payload == b"one" and read_index(frame.fds[0]) == 7
+
+    pid = run_in_child(receiver)
+    b.close()
+    assert wait_exitcode(pid) == 0
+    tx.close()
