@@ -7,6 +7,8 @@ parent never forks, so a thread costs nothing in safety; it only ever waits
 on pids we own, never ``waitpid(-1)``, so it cannot steal another library's
 child.
 
+The thread ends as soon as nothing is left to wait for.
+
 A dropped template whose greeting (with its pid) was not read yet is handed
 over as its channel: the thread reads the greeting, then waits for the pid.
 """
@@ -54,9 +56,15 @@ class _Reaper:
             return len(self._pids) + len(self._hellos)
 
     def wait_idle(self, timeout: float) -> bool:
-        """Wait until nothing is pending (for tests and shutdown); False on timeout."""
+        """Wait until nothing is pending and the thread has ended; False on timeout."""
         with self._idle:
-            return self._idle.wait_for(lambda: not self._pids and not self._hellos, timeout)
+            thread = self._thread
+            if not self._idle.wait_for(lambda: not self._pids and not self._hellos, timeout):
+                return False
+        if thread is not None:
+            thread.join(timeout)
+            return not thread.is_alive()
+        return True
 
     def standing_fds(self) -> set:
         """The reaper's own long-lived fds (its wake pipe)."""
@@ -64,7 +72,8 @@ class _Reaper:
 
     def _start(self) -> None:  # lock held
         if self._thread is None:
-            self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            if self._wake_r < 0:
+                self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
             self._thread = threading.Thread(target=self._loop, name="forkserver-reaper", daemon=True)
             self._thread.start()
         else:
@@ -92,7 +101,11 @@ class _Reaper:
                 with self._lock:
                     self._ready(fd)
                     if not self._pids and not self._hellos:
+                        # Nothing left: end the thread, so a program that os.fork()s
+                        # later is single-threaded again (3.12+ warns otherwise).
+                        self._thread = None
                         self._idle.notify_all()
+                        return
 
     def _ready(self, fd: int) -> None:  # lock held
         if fd in self._pids:

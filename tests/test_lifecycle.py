@@ -273,3 +273,12 @@ def test_at_exit_templates_end_kill_on_exit_workers_die_and_others_keep_running(
         os.waitpid(survivor_pid, 0)
     finally:
         _set_subreaper(False)
+
+
+def test_the_reaper_thread_ends_once_every_dropped_process_is_reaped(tpl):
+    import threading
+
+    tpl.fork().run(f"{W}:return_quietly")  # dropped while running
+    gc.collect()
+    assert reaper.wait_idle(20)
+    assert [t.name for t in threading.enumerate() if t.name == "forkserver-reaper"] == []
