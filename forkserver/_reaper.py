@@ -135,6 +135,12 @@ class _Reaper:
 
     def after_fork_child(self) -> None:
         # Those processes are not this child's children; the thread is gone.
+        if self._wake_r < 0 and not self._pids and not self._hellos:
+            # never used (the case in templates): only the lock, which another
+            # thread may have held at the fork, needs renewing
+            self._lock = threading.Lock()
+            self._idle = threading.Condition(self._lock)
+            return
         for fd in self._pids:
             os.close(fd)
         for chan in self._hellos.values():

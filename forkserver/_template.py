@@ -607,7 +607,7 @@ class _Default:
 
     def after_fork_child(self) -> None:
         # A forked copy of the caller must not talk to its parent's template.
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # another thread may have held it at the fork
         tpl, self.template = self.template, None
         if tpl is not None:
             tpl._chan.close()

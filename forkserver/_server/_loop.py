@@ -136,6 +136,9 @@ def _do_fork(state: _State, frame: Frame) -> Optional[Work]:
     """
     # Family and type given: no getsockname/getsockopt probes on the hot path.
     new_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=frame.fds[0])
+    # Built here, not in the clone: every object the clone creates or touches
+    # costs it copy-on-write page faults on its way to the target.
+    new_chan = FdChannel(new_sock)
     extra: List[Any] = []
     handles: List[Any] = []  # the fd-owning items of extra
     func = None
@@ -148,6 +151,9 @@ def _do_fork(state: _State, frame: Frame) -> Optional[Work]:
             if spec["run"] is not None:
                 module_name, qualname, opts = spec["run"]
                 func = _resolve_target(state, module_name, qualname)
+                # The clone inherits our name: no /proc write on its side.
+                set_title("fs:" + getattr(func, "__name__", "worker"))
+                opts = dict(opts, titled=True)
         check_single_threaded(state.culprits)
         sys.stdout.flush()  # else the clone would print our buffered output again
         sys.stderr.flush()
@@ -155,19 +161,23 @@ def _do_fork(state: _State, frame: Frame) -> Optional[Work]:
             gc.freeze()  # keep preloaded objects' pages shared with the clones
         pid = fork_sibling()
     except BaseException as exc:
+        if func is not None:
+            set_title("fs:template")
         _close_handles(handles)
         payload = exc.args[0] if isinstance(exc, _Refused) else P.encode_error(exc, "fork()")
-        chan = FdChannel(new_sock)
-        chan.send(P.ERROR, payload)
-        chan.close()
+        new_chan.send(P.ERROR, payload)
+        new_chan.close()
         return None
     if pid:
-        new_sock.close()
+        if func is not None:
+            set_title("fs:template")
+        new_chan.close()
         _close_handles(handles)  # the clone has its own copies
         return None
-    # In the clone: close our copy of the template's socket, serve the new one.
-    state.chan.close()
-    state.chan = FdChannel(new_sock)
+    # In the clone: close our copy of the template's socket (else the parent
+    # would not see EOF when the template dies), serve the new one.
+    os.close(state.chan.sock.detach())
+    state.chan = new_chan
     state.sent.extend(extra)
     if func is not None:
         state.chan.send(P.RUNNING, P.HELLO_FORMAT.pack(P.VERSION, os.getpid()))
@@ -285,7 +295,8 @@ def _work(chan: FdChannel, work: Work) -> int:
     """
     func, sent, opts = work
     control = chan.sock  # blocking, close-on-exec
-    set_title("fs:" + getattr(func, "__name__", "worker"))
+    if not opts.get("titled"):
+        set_title("fs:" + getattr(func, "__name__", "worker"))
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if opts.get("die_with_parent"):
         watch_parent(opts["die_with_parent"], opts["parent"])
