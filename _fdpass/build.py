@@ -20,6 +20,7 @@ ffibuilder.cdef(
     int fdp_dup_many(int model, int *out, int n);
     int fdp_close_many(const int *fds, int n);
     int fdp_gettid(void);
+    int fdp_set_name(const char *name);
     """
 )
 ffibuilder.set_source(

@@ -10,3 +10,4 @@ int fdp_fork_sibling(void);
 int fdp_dup_many(int model, int *out, int n);
 int fdp_close_many(const int *fds, int n);
 int fdp_gettid(void);
+int fdp_set_name(const char *name);

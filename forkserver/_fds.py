@@ -104,6 +104,7 @@ class _Reserve:
         self._spare = ffi.new("int[]", MAX_FDS_PER_MESSAGE)
         self._count = 0
         self._model = -1
+        self.inherit = False  # set around fork_sibling: a template clone keeps the reserve
 
     def held(self) -> List[int]:
         """The sentinel fds currently held (for leak checks)."""
@@ -111,9 +112,18 @@ class _Reserve:
         return fds + ([self._model] if self._model >= 0 else [])
 
     def _after_fork_child(self) -> None:
-        # The lock may have been held by another thread of the parent, and a
-        # forked child should not carry our sentinels around.
+        # The lock may have been held by another thread of the parent.
         self.lock = threading.Lock()
+        if not self.inherit:
+            self.drop()
+
+    def drop(self) -> None:
+        """Close every sentinel: a process that is done with channels needs none.
+
+        A forked child of the user's program (os.fork) should not carry them
+        around, nor should a template clone that becomes a worker.  A clone
+        that stays a template keeps them: it needs the same reserve.
+        """
         lib.fdp_close_many(self._spare, self._count)
         self._count = 0
         if self._model >= 0:
@@ -455,7 +465,11 @@ def fork_sibling() -> int:
     Returns the new pid in the caller and 0 in the new process, like
     ``os.fork()``.  Only safe in a single-threaded process: the caller checks.
     """
-    pid = lib.fdp_fork_sibling()
+    _reserve.inherit = True
+    try:
+        pid = lib.fdp_fork_sibling()
+    finally:
+        _reserve.inherit = False
     if pid < 0:
         err = ffi.errno
         raise OSError(err, f"clone(CLONE_PARENT) failed: {os.strerror(err)}")
@@ -465,6 +479,17 @@ def fork_sibling() -> int:
 def gettid() -> int:
     """The calling thread's kernel thread id."""
     return lib.fdp_gettid()
+
+
+def set_name(name: bytes) -> bool:
+    """Set the calling thread's name (the process's, from the main thread); False on failure."""
+    return lib.fdp_set_name(name) == 0
+
+
+def drop_reserve() -> None:
+    """Close the sentinel fds (see ``_Reserve.drop``)."""
+    with _reserve.lock:
+        _reserve.drop()
 
 
 def socketpair() -> Tuple[socket.socket, socket.socket]:

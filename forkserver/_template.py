@@ -21,7 +21,7 @@ import weakref
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from . import _protocol as P
-from ._errors import BrokenChannelError, BrokenTemplateError, ClosedError, ProtocolError
+from ._errors import BrokenChannelError, BrokenTemplateError, ClosedError, ForkserverError, ProtocolError
 from ._fds import FdChannel, Frame, socketpair
 from ._process import Child
 from ._wait import open_pidfd, reap, reap_now, wait_channel
@@ -56,21 +56,28 @@ class Template:
         stdout: Optional[Handle] = None,
         stderr: Optional[Handle] = None,
         gc_freeze: bool = True,
+        spare: bool = True,
     ) -> None:
         context = _context(env, cwd, (stdin, stdout, stderr), sys.path, gc_freeze)
         try:
-            for attempt in (1, 2):
+            for attempt in (1, 2, 3):
                 base = default_template()
-                self._adopt(base._request_fork(), "Template()")
-                self._main_ok = base._main_ok
+                with base._lock:
+                    clone, was_spare = base._clone()
+                self._adopt(clone._chan, "Template()", clone._pid)
+                self._take_over(clone)
+                self._keep_spare = spare
                 try:
                     self._read_hello()
                     break
                 except BrokenTemplateError:
-                    # EOF before the greeting: the default template died before
-                    # it could fork (nothing was created); start a new one, once.
-                    _default.discard(base)
-                    if attempt == 2:
+                    # EOF before the greeting.  A spare may have been killed
+                    # since it was made: try a fresh clone.  Else the default
+                    # template died before it could fork (nothing was
+                    # created): start a new one, once.
+                    if not was_spare:
+                        _default.discard(base)
+                    if attempt == 3:
                         raise
         except BaseException:
             for fd in context[2]:
@@ -102,6 +109,10 @@ class Template:
         self._prelude: List[tuple] = []  # (kind, payload, dup'd fds)
         self._pending: "weakref.WeakSet[Template]" = weakref.WeakSet()
         self._main_ok = False  # True when the template has the caller's __main__ (early())
+        # After its first fork(), a template keeps one clone of itself ready:
+        # the next fork() takes it instead of waiting for a clone to be made.
+        self._keep_spare = True
+        self._spare: Optional[Template] = None
 
     @classmethod
     def new_exec(
@@ -112,6 +123,7 @@ class Template:
         cwd: Optional[Union[str, os.PathLike]] = None,
         sys_path: Optional[Sequence[str]] = None,
         gc_freeze: bool = True,
+        spare: bool = True,
     ) -> "Template":
         """A template that is a freshly exec'd interpreter of its own.
 
@@ -122,6 +134,7 @@ class Template:
         what the new interpreter computes itself, plus this forkserver.
         """
         tpl = _spawn_template(python or sys.executable, dict(os.environ if env is None else env))
+        tpl._keep_spare = spare
         ctx: Dict[str, Any] = {"cwd": os.fspath(cwd) if cwd is not None else os.getcwd()}
         if sys_path is not None:
             ctx["sys_path"] = list(sys_path)
@@ -172,6 +185,7 @@ class Template:
         """Mark the template dead, reap it if we can, and build the error to raise."""
         self._status = "broken"
         self._chan.close()
+        self._drop_spare()
         if self._pid is not None:
             self._reap(timeout=_CLOSE_GRACE)
         return BrokenTemplateError(
@@ -191,6 +205,8 @@ class Template:
                 self._materialize()
             if self._pending:
                 self._start_pending_forks()
+            if self._spare is not None and kind != P.FORK:
+                self._drop_spare()  # it is a copy of the state this command changes
             try:
                 self._chan.send(kind, payload, fds)
             except BrokenChannelError as exc:
@@ -254,6 +270,9 @@ class Template:
         self._status = "ready"
 
     def _read_hello(self) -> None:
+        """Wait for the greeting, unless it was read already."""
+        if self._status != "starting":
+            return
         frame = self._next_frame("hello", until_hello=True)
         if frame is not None:
             raise ProtocolError(f"{self!r}: expected its greeting, got a {P.NAMES.get(frame.kind)} frame")
@@ -321,7 +340,7 @@ class Template:
             tpl._adopt(None, f"{self._origin}.fork()")  # type: ignore[arg-type]
             tpl._status = "pending"
             tpl._base = self
-            tpl._main_ok = self._main_ok
+            tpl._main_ok, tpl._keep_spare = self._main_ok, self._keep_spare
             self._pending.add(tpl)
             return tpl
 
@@ -333,28 +352,111 @@ class Template:
             if tpl._lock.acquire(blocking=False):
                 try:
                     if tpl._status == "pending":
-                        tpl._materialize()
+                        tpl._materialize(refill=False)
                 finally:
                     tpl._lock.release()
 
-    def _materialize(self, run: Optional[tuple] = None) -> None:
-        """Send the deferred FORK (with its prelude, and ``run`` fused if given)."""
+    def _materialize(self, run: Optional[tuple] = None, refill: bool = True) -> None:
+        """Start the deferred fork (with its prelude, and ``run`` if given); lock held.
+
+        The base's spare clone is used when it has one: the prelude and the
+        run are sent to it as ordinary commands.  Else one FORK command
+        carries them all.  ``refill``: then ask the base for a new spare.
+        """
         base = self._base
         assert base is not None and self._status == "pending"
         base._pending.discard(self)
         prelude, self._prelude = self._prelude, []
         fds = [fd for _, _, dups in prelude for fd in dups]
         try:
-            payload = P.dumps({"prelude": [(k, p, len(d)) for k, p, d in prelude], "run": run})
-            self._chan = base._request_fork(payload, fds)
+            if not self._start_from_spare(base, prelude, run, refill):
+                payload = P.dumps({"prelude": [(k, p, len(d)) for k, p, d in prelude], "run": run})
+                self._chan = base._request_fork(payload, fds)
+                self._status = "starting"
+                if refill:  # after ours: the base clones our process first
+                    with base._lock:
+                        base._refill()
         except BaseException:
             self._status = "broken"
             raise
         finally:
             for fd in fds:
                 os.close(fd)
-        self._status = "starting"
         self._base = None
+
+    def _start_from_spare(self, base: "Template", prelude: List[tuple], run: Optional[tuple],
+                          refill: bool) -> bool:
+        """Become ``base``'s spare and send it the prelude and run; False if there is none.
+
+        The next spare is asked for first: the base starts cloning while we
+        still have work to do, rather than waking up to compete for a CPU with
+        us and the new worker.
+        """
+        with base._lock:
+            spare, base._spare = base._spare, None
+            if spare is None or spare._status not in ("starting", "ready"):
+                return False
+            if refill:
+                base._refill()
+        try:
+            for kind, payload, dups in prelude:
+                spare._chan.send(kind, payload, dups)
+            if run is not None:
+                spare._chan.send(P.RUN, P.dumps(run))
+        except BrokenChannelError:
+            spare._abandon()  # killed while it waited: it is reaped, a fresh clone is made
+            return False
+        self._take_over(spare)
+        return True
+
+    def _take_over(self, clone: "Template") -> None:
+        """Take ``clone``'s process (socket, pid, pidfd, state); ``clone`` is left spent."""
+        self._chan, self._pid, self._status = clone._chan, clone._pid, clone._status
+        self._pidfd, clone._pidfd = clone._pidfd, None
+        self._main_ok, self._keep_spare = clone._main_ok, clone._keep_spare
+        clone._status = "closed"
+        _live.discard(clone)
+
+    # -- the spare clone ---------------------------------------------------------
+    #
+    # Making a clone costs a template milliseconds (the clone syscall copies
+    # its page tables; the clone then runs the interpreter's after-fork code,
+    # which copies-on-write hundreds of pages).  A template that has been
+    # forked once keeps one clone ready, made while the caller does other
+    # things (typically: while the last worker runs); the next fork() takes it.
+    # A spare is a snapshot, so any command that changes the template drops it.
+
+    def _clone(self) -> "tuple":
+        """(a started clone of this template, whether it was the spare); lock held.
+
+        A new spare is requested afterwards, so the next call finds one ready.
+        """
+        spare, self._spare = self._spare, None
+        if spare is not None and spare._status in ("starting", "ready"):
+            self._refill()
+            return spare, True
+        clone = self._new_clone()
+        self._refill()
+        return clone, False
+
+    def _new_clone(self) -> "Template":
+        clone = Template._from_channel(self._request_fork(), f"{self._origin}.fork()")
+        clone._main_ok, clone._keep_spare = self._main_ok, self._keep_spare
+        return clone
+
+    def _refill(self) -> None:
+        """Ask for a new spare clone, unless one is kept already or spares are off; lock held."""
+        if not self._keep_spare or self._spare is not None or self._status not in ("starting", "ready"):
+            return
+        try:
+            self._spare = self._new_clone()
+        except ForkserverError:
+            pass  # this template is broken: its next use says so
+
+    def _drop_spare(self) -> None:
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            spare._abandon()
 
     def _request_fork(self, payload: bytes = b"", extra_fds: Sequence[int] = ()) -> FdChannel:
         ours, theirs = socketpair()
@@ -429,6 +531,9 @@ class Template:
         with self._lock:
             if self._status in ("closed", "running") or self._owner != os.getpid():
                 return
+            spare, self._spare = self._spare, None
+            if spare is not None:
+                spare.close()
             if self._status == "pending":  # never created: nothing to end
                 if self._base is not None:
                     self._base._pending.discard(self)
@@ -463,24 +568,29 @@ class Template:
     def __del__(self) -> None:
         # Dropped without close(): end the process and let the reaper wait for it.
         try:
-            if self._owner != os.getpid():
-                return
-            status = self._status
-            if status == "pending":
-                for _, _, dups in self._prelude:
-                    for fd in dups:
-                        os.close(fd)
-            elif status in ("starting", "ready") and not self._chan.closed:
-                from ._reaper import reaper
-
-                if self._pid is None:
-                    reaper.adopt_greeting(self._chan)  # it reads the pid, then closes
-                    return
-                self._chan.close()
-                pidfd, self._pidfd = self._pidfd, None
-                reaper.adopt(self._pid, pidfd)
+            if self._owner == os.getpid():
+                self._abandon()
         except Exception:
             pass  # interpreter shutdown: the kernel reparents what is left
+
+    def _abandon(self) -> None:
+        """End the process without waiting for it: the reaper thread reaps it."""
+        status, self._status = self._status, "closed"
+        self._drop_spare()
+        if status == "pending":
+            for _, _, dups in self._prelude:
+                for fd in dups:
+                    os.close(fd)
+            self._prelude = []
+        elif status in ("starting", "ready") and not self._chan.closed:
+            from ._reaper import reaper
+
+            if self._pid is None:
+                reaper.adopt_greeting(self._chan)  # it reads the pid, then closes
+                return
+            self._chan.close()
+            pidfd, self._pidfd = self._pidfd, None
+            reaper.adopt(self._pid, pidfd)
 
     def __enter__(self) -> "Template":
         return self
@@ -609,10 +719,12 @@ class _Default:
         # A forked copy of the caller must not talk to its parent's template.
         self.lock = threading.Lock()  # another thread may have held it at the fork
         tpl, self.template = self.template, None
-        if tpl is not None:
-            tpl._chan.close()
-            tpl._close_pidfd()
-            tpl._status = "closed"
+        for t in (tpl, tpl and tpl._spare):
+            if t is not None and t._chan is not None:
+                t._chan.close()
+                t._close_pidfd()
+                t._status = "closed"
+                t._spare = None
 
 
 def early() -> None:

@@ -178,3 +178,8 @@ def echo_until_eof(control):
 def wait_on_pipe(control, fd):
     """Block until the pipe ``fd`` has data or EOF (independent of the parent)."""
     os.read(fd, 1)
+
+
+def mark(control, *args):
+    """Send back ``MARK``, a global an ``eval`` in the template may have set here."""
+    send_obj(control, globals().get("MARK"))

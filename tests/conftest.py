@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Set
+from typing import Any, List, Set
 
 import psutil
 import pytest
@@ -11,29 +11,46 @@ import pytest
 def open_fds() -> Set[int]:
     """The fds open in this process, minus forkserver's standing ones.
 
-    Those are the sentinel reserve and the shared default template's socket
-    and pidfd: they live as long as the process, by design.
+    Those are the sentinel reserve and the shared default template's (and its
+    spare clone's) socket and pidfd: they live as long as the process, by design.
     """
-    from forkserver import _fds, _reaper, _template
+    from forkserver import _fds, _reaper
 
     fds = {int(name) for name in os.listdir("/proc/self/fd")}
     fds = {fd for fd in fds if _is_open(fd)}  # drops listdir's own, now closed, fd
     standing = set(_fds._reserve.held()) | _reaper.reaper.standing_fds()
-    default = _template._default.template
-    if default is not None:
-        standing |= {default._chan.fileno(), default._pidfd}
+    for tpl in _standing_templates():
+        standing |= {tpl._chan.fileno(), tpl._pidfd}
     return fds - standing
 
 
 def child_pids() -> Set[int]:
-    """Our children, zombies included, minus the shared default template."""
+    """Our children, zombies included, minus the standing templates."""
+    kids = {p.pid for p in psutil.Process().children()}
+    for tpl in _standing_templates():
+        kids.discard(tpl._pid)
+    return kids
+
+
+def _standing_templates() -> List[Any]:
+    """Templates that stand by design: the shared default template and every spare clone.
+
+    A template keeps a spare clone ready once it has been forked (a module
+    fixture's template, say); spares end with their template, which the spare
+    tests check.
+    """
     from forkserver import _template
 
-    kids = {p.pid for p in psutil.Process().children()}
+    standing = []
     default = _template._default.template
     if default is not None:
-        kids.discard(default._pid)
-    return kids
+        standing.append(default)
+    for tpl in list(_template._live):
+        spare = tpl._spare
+        if spare is not None and spare._status in ("starting", "ready"):
+            spare.pid  # known once it greeted us
+            standing.append(spare)
+    return standing
 
 
 @pytest.fixture

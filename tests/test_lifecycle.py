@@ -220,6 +220,7 @@ def test_when_the_parent_is_sigkilled_its_templates_and_die_with_parent_workers_
 
     pipe_r, pipe_w = os.pipe()
     _set_subreaper(True)  # orphans come to us, so the test can reap them
+    ours_before = {p.pid for p in psutil.Process().children()}
     try:
         parent = subprocess.Popen(
             [sys.executable, "-c", PARENT_SCRIPT, str(pipe_r)],
@@ -231,12 +232,16 @@ def test_when_the_parent_is_sigkilled_its_templates_and_die_with_parent_workers_
         parent.wait(20)
         parent.stdin.close()
         parent.stdout.close()
-        for pid in pids["templates"] + [pids["doomed"]]:
+        # Everything the parent had is now ours: its templates, their spare
+        # clones, its workers.  All but the survivor must end.
+        orphans = {p.pid for p in psutil.Process().children()} - ours_before
+        assert set(pids["templates"]) | {pids["doomed"], pids["survivor"]} <= orphans
+        for pid in orphans - {pids["survivor"]}:
             assert _gone_within(pid, 1.0), f"pid {pid} outlived its parent by over 1 s"
         assert psutil.Process(pids["survivor"]).status() != psutil.STATUS_ZOMBIE
         os.close(pipe_w)  # lets the survivor return
         assert _gone_within(pids["survivor"], 20)
-        for pid in pids["templates"] + [pids["doomed"], pids["survivor"]]:
+        for pid in orphans:
             os.waitpid(pid, 0)  # reparented to us: reap
     finally:
         _set_subreaper(False)
@@ -250,12 +255,13 @@ def test_at_exit_templates_end_kill_on_exit_workers_die_and_others_keep_running(
         "import json, sys, forkserver\n"
         "r = int(sys.argv[1])\n"
         "t = forkserver.Template().require('tests._workers')\n"
-        "spare = t.fork(); spare.pid\n"
+        "unrun = t.fork(); unrun.pid\n"
         "k = t.fork().send_fh(r).run('tests._workers:wait_on_pipe', kill_on_exit=True)\n"
         "s = t.fork().send_fh(r).run('tests._workers:wait_on_pipe')\n"
-        "print(json.dumps([t.pid, spare.pid, k.pid, s.pid]), flush=True)\n"
+        "print(json.dumps([t.pid, unrun.pid, k.pid, s.pid]), flush=True)\n"
     )
     _set_subreaper(True)
+    ours_before = {p.pid for p in psutil.Process().children()}
     try:
         proc = subprocess.Popen(
             [sys.executable, "-c", script, str(pipe_r)], stdout=subprocess.PIPE, pass_fds=[pipe_r]
@@ -264,9 +270,11 @@ def test_at_exit_templates_end_kill_on_exit_workers_die_and_others_keep_running(
         assert proc.wait(60) == 0
         proc.stdout.close()
         os.close(pipe_r)
-        tpl_pid, spare_pid, killed_pid, survivor_pid = json.loads(out)
-        for pid in (tpl_pid, spare_pid, killed_pid):  # reaped by the program itself
+        tpl_pid, unrun_pid, killed_pid, survivor_pid = json.loads(out)
+        for pid in (tpl_pid, unrun_pid, killed_pid):  # reaped by the program itself
             assert not psutil.pid_exists(pid)
+        # Nothing else was left either (spare clones included): only the survivor is ours now.
+        assert {p.pid for p in psutil.Process().children()} - ours_before == {survivor_pid}
         assert psutil.Process(survivor_pid).status() != psutil.STATUS_ZOMBIE
         os.close(pipe_w)
         assert _gone_within(survivor_pid, 20)

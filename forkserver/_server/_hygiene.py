@@ -15,6 +15,7 @@ import threading
 from typing import Iterator, List
 
 from .._errors import ThreadedTemplateError
+from .._fds import set_name
 from .._protocol import THREAD_LIMIT_VARS
 
 
@@ -74,17 +75,12 @@ def check_single_threaded(culprits: List[str]) -> None:
 
 
 def set_title(title: str) -> None:
-    """Name this process in ``ps -o comm`` / ``top`` (the kernel keeps 15 bytes)."""
-    try:
-        fd = os.open("/proc/self/comm", os.O_WRONLY | os.O_CLOEXEC)
-    except OSError:
-        return  # a cosmetic; never fail over it
-    try:
-        os.write(fd, title.encode(errors="replace")[:15])
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """Name this process in ``ps -o comm`` / ``top`` (the kernel keeps 15 bytes).
+
+    Cosmetic: a failure is ignored.  Called from the main thread only, so
+    the thread name the kernel sets is the process's.
+    """
+    set_name(title.encode(errors="replace")[:15])
 
 
 def watch_parent(sig: int, parent: int) -> None:

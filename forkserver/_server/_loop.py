@@ -20,7 +20,7 @@ from typing import Any, Callable, List, NoReturn, Optional, Tuple
 
 from .. import _protocol as P
 from .._errors import BrokenChannelError, ForkserverError
-from .._fds import FdChannel, Frame, fork_sibling
+from .._fds import FdChannel, Frame, drop_reserve, fork_sibling
 from ._hygiene import check_single_threaded, set_title, thread_count, thread_limits, watch_parent
 
 Work = Tuple[Callable[..., Any], List[Any], dict]  # func, sent items, run options
@@ -37,6 +37,10 @@ class _State:
         self.broken: Optional[bytes] = None  # encoded first error of a pipelined command
         self.culprits: List[str] = []  # require/eval calls that started threads
         self.gc_freeze = True
+        # True from a thread check that found one thread until the next
+        # command other than a bare FORK: nothing else runs code that could
+        # start a thread, so the spare clones asked for in a row skip it.
+        self.single_threaded = False
 
     def reply_error(self, exc: BaseException, context: str) -> None:
         self.chan.send(P.ERROR, P.encode_error(exc, context))
@@ -154,7 +158,9 @@ def _do_fork(state: _State, frame: Frame) -> Optional[Work]:
                 # The clone inherits our name: no /proc write on its side.
                 set_title("fs:" + getattr(func, "__name__", "worker"))
                 opts = dict(opts, titled=True)
-        check_single_threaded(state.culprits)
+        if frame.payload or not state.single_threaded:
+            check_single_threaded(state.culprits)
+            state.single_threaded = True
         sys.stdout.flush()  # else the clone would print our buffered output again
         sys.stderr.flush()
         if state.gc_freeze:
@@ -248,6 +254,8 @@ def serve(state: _State) -> Optional[Work]:
             return None  # the parent closed our socket or died: exit quietly
         assert frame is not None  # blocking channel
         kind = frame.kind
+        if kind != P.FORK:
+            state.single_threaded = False  # the command may run code that starts threads
         if kind == P.FORK:
             work = _do_fork(state, frame)
             if work is not None:
@@ -295,6 +303,7 @@ def _work(chan: FdChannel, work: Work) -> int:
     """
     func, sent, opts = work
     control = chan.sock  # blocking, close-on-exec
+    drop_reserve()  # a worker receives no more frames: no sentinels to keep
     if not opts.get("titled"):
         set_title("fs:" + getattr(func, "__name__", "worker"))
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -352,7 +361,10 @@ def finish(code: int) -> "NoReturn":
 
 
 def main(fd: int = 3) -> int:
-    """Entry point of an exec'd template: serve the command socket on ``fd``."""
+    """Entry point of a template: serve the command socket on ``fd``.
+
+    Returns 0 when the socket reaches EOF; a worker never returns (it exits).
+    """
     # Ctrl-C in the terminal reaches every process of the foreground group;
     # a template waiting for commands must not die of it. Workers restore it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -371,4 +383,6 @@ def main(fd: int = 3) -> int:
     work = serve(state)
     if work is None:
         return 0
-    return _work(state.chan, work)
+    # Exit from here: returning would drop ``state`` and finalise the control
+    # socket, whose ResourceWarning would format its repr (two syscalls).
+    finish(_work(state.chan, work))

@@ -1,0 +1,107 @@
+"""The spare clone: a forked template keeps one clone ready for its next fork()."""
+from __future__ import annotations
+
+import os
+import signal
+
+import psutil
+import pytest
+
+from forkserver import Template
+from forkserver._wait import wait_readable
+
+from ._workers import recv_obj
+
+pytestmark = pytest.mark.usefixtures("no_leaks")
+
+W = "tests._workers"
+
+
+def our_children():
+    return {p.pid for p in psutil.Process().children()}
+
+
+def talk(child):
+    """The one object the worker sends, and its exit status."""
+    child.control.setblocking(True)
+    child.control.settimeout(20)
+    try:
+        return recv_obj(child.control), child.wait(20)
+    finally:
+        child.control.close()
+
+
+def test_after_its_first_fork_a_template_keeps_one_clone_that_the_next_fork_uses():
+    with Template().require(W) as tpl:
+        before = our_children()
+        first = tpl.fork().run(f"{W}:return_quietly")
+        assert first.wait(20) == 0
+        first.control.close()
+        spares = our_children() - before
+        assert len(spares) == 1, "one clone is kept ready, no more"
+        second = tpl.fork().send_arg("x").run(f"{W}:echo_args")
+        assert second.pid in spares
+        assert talk(second) == (("x",), 0)
+        assert len(our_children() - before) == 1, "and a new one replaces it"
+
+
+def test_a_spare_is_never_used_after_the_template_changed():
+    with Template().require(W).send_arg("old") as tpl:
+        assert talk(tpl.fork().run(f"{W}:echo_args")) == (("old",), 0)
+        tpl.send_arg("new")
+        assert talk(tpl.fork().run(f"{W}:echo_args")) == (("old", "new"), 0)
+        tpl.eval("import tests._workers as w; w.MARK = 'evaluated'")
+        assert talk(tpl.fork().send_arg(1).run(f"{W}:echo_args")) == (("old", "new", 1), 0)
+        got, code = talk(tpl.fork().run(f"{W}:mark"))
+        assert (got, code) == ("evaluated", 0)
+
+
+def test_spare_false_keeps_no_clone_ready():
+    with Template(spare=False).require(W) as tpl:
+        before = our_children()
+        for _ in range(3):
+            child = tpl.fork().run(f"{W}:return_quietly")
+            assert child.wait(20) == 0
+            child.control.close()
+            assert our_children() == before
+        grand = tpl.fork()  # forks inherit the setting
+        grand.require("json")
+        assert talk(grand.fork().send_arg(2).run(f"{W}:echo_args")) == ((2,), 0)
+        assert our_children() - before == {grand.pid}
+        grand.close()
+
+
+def test_closing_a_template_ends_and_reaps_its_spare():
+    tpl = Template().require(W)
+    child = tpl.fork().run(f"{W}:return_quietly")
+    child.wait(20)
+    child.control.close()
+    spare = tpl._spare
+    assert spare is not None and spare.pid in our_children()
+    tpl.close()
+    assert not psutil.pid_exists(spare.pid)
+
+
+def test_a_killed_spare_is_replaced_and_the_next_fork_still_runs():
+    with Template().require(W) as tpl:
+        child = tpl.fork().run(f"{W}:return_quietly")
+        child.wait(20)
+        child.control.close()
+        spare_pid = tpl._spare.pid
+        os.kill(spare_pid, signal.SIGKILL)
+        pidfd = os.pidfd_open(spare_pid)
+        try:
+            assert wait_readable(pidfd, 20)  # dead (a zombie until the reaper reaps it)
+        finally:
+            os.close(pidfd)
+        child = tpl.fork().send_arg(7).run(f"{W}:echo_args")
+        assert child.pid != spare_pid
+        assert talk(child) == ((7,), 0)
+
+
+def test_a_bad_target_sent_to_a_spare_raises_and_the_clone_is_reaped():
+    with Template().require(W) as tpl:
+        assert talk(tpl.fork().send_arg(0).run(f"{W}:echo_args")) == ((0,), 0)
+        with pytest.raises(AttributeError, match="no_such"):
+            tpl.fork().send_arg(1).run(f"{W}:no_such")
+        assert talk(tpl.fork().send_arg(2).run(f"{W}:echo_args")) == ((2,), 0)
