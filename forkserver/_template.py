@@ -45,6 +45,13 @@ class Template:
 
     ``gc_freeze=False`` turns off ``gc.freeze()`` before each fork (it keeps
     the preloaded objects' memory pages shared with the children).
+
+    Once a template has been forked, it keeps one clone of itself ready (a
+    *spare*, made while you do other things), so the next ``fork()`` need
+    not wait for a clone to be made.  The spare is an idle process, your
+    child like the others, ended with its template; any command that changes
+    the template replaces it.  ``spare=False`` keeps none (forks of this
+    template inherit the setting).
     """
 
     def __init__(
@@ -203,7 +210,7 @@ class Template:
                     self._prelude.append((kind, payload, _dup_all(fds)))
                     return
                 self._materialize()
-            if self._pending:
+            if self._pending and kind != P.FORK:  # a FORK changes nothing they could see
                 self._start_pending_forks()
             if self._spare is not None and kind != P.FORK:
                 self._drop_spare()  # it is a copy of the state this command changes
@@ -330,7 +337,8 @@ class Template:
 
         The clone is made when first needed (any waiting call on it, or any
         further command to this template), so ``t.fork().send_arg(x).run(f)``
-        costs one command and one reply.
+        costs one command and one reply.  If this template keeps a spare
+        clone ready (see the class docs), that clone is used.
         """
         with self._lock:
             self._check_open("fork")
