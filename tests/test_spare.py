@@ -105,3 +105,14 @@ def test_a_bad_target_sent_to_a_spare_raises_and_the_clone_is_reaped():
         with pytest.raises(AttributeError, match="no_such"):
             tpl.fork().send_arg(1).run(f"{W}:no_such")
         assert talk(tpl.fork().send_arg(2).run(f"{W}:echo_args")) == ((2,), 0)
+
+
+def test_a_template_that_cannot_fork_raises_on_every_fork_and_leaves_nothing_behind():
+    from forkserver import ThreadedTemplateError
+
+    with Template().require("tests._threaded_mod", W) as tpl:
+        before = our_children()
+        for _ in range(3):  # the first fork fails, then the spares asked for fail too
+            with pytest.raises(ThreadedTemplateError, match="import-time-poller"):
+                tpl.fork().run(f"{W}:return_quietly")
+        assert our_children() == before
