@@ -33,12 +33,12 @@ Channels are not thread-safe; callers serialise access.
 """
 from __future__ import annotations
 
+import _thread  # not threading: templates stay free of its at-fork work (see _server)
 import errno
 import fcntl
 import os
 import socket
 import struct
-import threading
 import time
 from collections import deque
 from typing import Deque, Iterable, List, NamedTuple, Optional, Tuple, Union
@@ -100,7 +100,7 @@ class _Reserve:
     """
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        self.lock = _thread.allocate_lock()
         self._spare = ffi.new("int[]", MAX_FDS_PER_MESSAGE)
         self._count = 0
         self._model = -1
@@ -113,7 +113,7 @@ class _Reserve:
 
     def _after_fork_child(self) -> None:
         # The lock may have been held by another thread of the parent.
-        self.lock = threading.Lock()
+        self.lock = _thread.allocate_lock()
         if not self.inherit:
             self.drop()
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
+import sys
 from typing import Iterator, List
 
 from .._errors import ThreadedTemplateError
@@ -54,7 +54,9 @@ def thread_names() -> List[str]:
                 names.append(f"{f.read().strip()} (tid {tid})")
         except OSError:
             continue  # the thread ended meanwhile
-    names += [f"Python thread {t.name!r}" for t in threading.enumerate() if t is not threading.main_thread()]
+    threading = sys.modules.get("threading")  # not imported: no Python-level threads
+    if threading is not None:
+        names += [f"Python thread {t.name!r}" for t in threading.enumerate() if t is not threading.main_thread()]
     return names
 
 
@@ -93,6 +95,7 @@ def watch_parent(sig: int, parent: int) -> None:
     so a small daemon thread polls it instead.
     """
     import select
+    import threading  # in the worker only: templates never import it (see _loop)
 
     try:
         pidfd = os.pidfd_open(parent)

@@ -342,12 +342,12 @@ def finish(code: int) -> "NoReturn":
     milliseconds per child and tear down objects shared with the template.
     """
     import atexit
-    import threading
 
+    threading = sys.modules.get("threading")  # never imported: no thread to join
     try:
         # Each step only when there is something to do: a worker that started
         # no thread and registered nothing exits without touching more pages.
-        if threading.active_count() > 1:
+        if threading is not None and threading.active_count() > 1:
             threading._shutdown()  # type: ignore[attr-defined]
         if atexit._ncallbacks():
             atexit._run_exitfuncs()
