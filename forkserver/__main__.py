@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import shlex
 import sys
 import time
 from typing import List, Optional
@@ -31,6 +32,13 @@ def _scenarios(text: str) -> tuple:
     if unknown or not keys:
         raise argparse.ArgumentTypeError(f"choose from {', '.join(SCENARIOS)}")
     return keys
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a missing parent package
+        return False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,13 +87,13 @@ def settings_from(args: argparse.Namespace):
     )
 
 
-def bench(args: argparse.Namespace) -> int:
-    """Run the benchmark, print the table, write the JSON; the exit status."""
+def bench(args: argparse.Namespace, argv: List[str]) -> int:
+    """Run the benchmark (``argv``: its command line), print the table, write the JSON."""
     from . import _bench_report as R, _bench_scenarios as S
     from ._bench import Progress
 
     settings = settings_from(args)
-    if importlib.util.find_spec(settings.preload) is None:
+    if not _importable(settings.preload):
         print(f"forkserver bench: no module named {settings.preload!r}", file=sys.stderr)
         return 2
     progress = Progress(steps=1 + len(settings.only))
@@ -98,8 +106,7 @@ def bench(args: argparse.Namespace) -> int:
     info = R.machine(settings.preload)
     goal_list = R.goals(scenarios, settings)
     print(R.table(scenarios, info, goal_list))
-    print(f"\n({seconds:.1f} s; reproduce: python -m forkserver bench"
-          f"{' --quick' if args.quick else ''}; --help for options)")
+    print(f"\n({seconds:.1f} s; reproduce: python -m forkserver {shlex.join(argv)})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(R.to_json(scenarios, info, goal_list, settings, seconds), f, indent=1)
@@ -108,9 +115,10 @@ def bench(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     if args.command == "bench":
-        return bench(args)
+        return bench(args, argv)
     return 2  # unreachable: argparse rejects unknown commands
 
 
