@@ -130,6 +130,10 @@ class Progress:
         self.label = label
         self._show(f"{label} ...", newline=not self.tty)
 
+    def status(self, text: str) -> None:
+        """A sub-step of the current step (a line of its own when not on a tty)."""
+        self._show(f"{self.label}: {text}", newline=not self.tty)
+
     def tick(self, done: int, total: int) -> None:
         """Report ``done`` of ``total`` rounds of the current step (tty only, 10 Hz)."""
         now = time.monotonic()

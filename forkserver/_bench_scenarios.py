@@ -123,6 +123,7 @@ def big_parent(bench: Bench) -> Scenario:
     small = B.Contender(FS_SMALL, bench.helpers["forkserver"].once)
     here = B.Contender(FORK_HERE, B.timed(FORK_HERE, bare_fork), s.big_fork_samples)
     sc.contenders = [fs, small, here]
+    bench.progress.status(f"allocating and touching {s.parent_gib:g} GiB")
     ballast = B.ballast(s.parent_gib)
     try:
         bench.measure([fs, small])
@@ -131,6 +132,7 @@ def big_parent(bench: Bench) -> Scenario:
         # whichever contender of this process ran next.
         with warnings.catch_warnings():  # 3.12+: "multi-threaded, use of fork()"
             warnings.simplefilter("ignore", DeprecationWarning)
+            bench.progress.status(f"{FORK_HERE} ...")
             bench.measure([here], rounds=s.big_fork_samples)
     finally:
         del ballast
