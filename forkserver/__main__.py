@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="samples of multiprocessing spawn (~200 ms each with numpy; "
                        "default rounds/10, at least 3; 0 leaves it out)")
     bench.add_argument("--only", type=_scenarios, metavar="A,B",
-                       help="run only these scenarios: start, big_parent, exec, idle_uss")
+                       help="run only these scenarios: start, back_to_back, big_parent, exec, idle_uss")
     return parser
 
 

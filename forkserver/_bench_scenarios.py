@@ -17,12 +17,14 @@ from typing import Callable, Dict, List, Optional, Tuple
 from . import _bench as B
 from ._bench_workers import bare_fork, start_and_reap, stop_default_template
 
-SCENARIOS = ("start", "big_parent", "exec", "idle_uss")
+SCENARIOS = ("start", "back_to_back", "big_parent", "exec", "idle_uss")
+BLOCK = 10  # back_to_back: workers per sample, one right after the other
 NOT_YET = "not available yet (forkserver.spawn has not landed)"
 TRUE = "/bin/true"
 
 # contender names, shared with the report's goals
 FS, FS_SMALL, FS_SPAWN = "forkserver", "forkserver, small parent", "forkserver.spawn"
+FS_NO_SPARE = "forkserver, spare=False"
 MP_FS, MP_SPAWN = "mp forkserver + preload", "mp spawn"
 FORK_FLOOR, FORK_HERE = "os.fork, small process", "os.fork, this process"
 SUBPROCESS, POSIX_SPAWN = "subprocess.run", "os.posix_spawn + waitpid"
@@ -71,9 +73,14 @@ class Bench:
             stack.callback(stop_default_template)
         self.tpl = Template().require(settings.preload, "forkserver._bench_workers")
         stack.callback(self.tpl.close)
+        self.tpl_no_spare = None
+        if "back_to_back" in settings.only:
+            self.tpl_no_spare = Template(spare=False).require(
+                settings.preload, "forkserver._bench_workers")
+            stack.callback(self.tpl_no_spare.close)
         self.helpers: Dict[str, B.Helper] = {}
-        for kind, needed in (("fork", "start"), ("forkserver", "big_parent")):
-            if needed in settings.only:  # started now: they warm up meanwhile
+        for kind, needed in (("fork", ("start", "back_to_back")), ("forkserver", ("big_parent",))):
+            if set(needed) & set(settings.only):  # started now: they warm up meanwhile
                 helper = B.Helper(kind, settings.preload)
                 self.helpers[kind] = stack.enter_context(contextlib.closing(helper))
         stack.enter_context(B.main_module_hidden())
@@ -87,9 +94,10 @@ class Bench:
         B.measure(contenders, self.s.rounds if rounds is None else rounds,
                   self.s.warmup, self.progress.tick)
 
-    def forkserver_work(self) -> Callable[[], float]:
+    def forkserver_work(self, tpl=None, name: str = FS) -> Callable[[], float]:
         """Sampler: a worker from this process's template, started, ran, reaped."""
-        return B.timed(FS, lambda: start_and_reap(self.tpl, "forkserver._bench_workers:work"))
+        tpl = self.tpl if tpl is None else tpl
+        return B.timed(name, lambda: start_and_reap(tpl, "forkserver._bench_workers:work"))
 
     def mp_work(self, ctx, name: str) -> Callable[[], float]:
         """Sampler: a multiprocessing worker whose target imports the preload module."""
@@ -113,6 +121,31 @@ def start(bench: Bench) -> Scenario:
     sc.notes.append(f"{FORK_FLOOR} = the floor: os.fork + _exit + waitpid in a process "
                     f"that imported {s.preload} only")
     return sc
+
+
+def back_to_back(bench: Bench) -> Scenario:
+    """Workers one right after the other: a spare clone gets no idle time to get ready.
+
+    In ``start`` the other contenders' turns give forkserver's template time
+    to make its next spare clone; here each sample is the mean of BLOCK
+    workers started back to back, so a spare is made while the last worker
+    runs and exits, or not at all (``spare=False``).
+    """
+    sc = Scenario("back_to_back", f"back to back, {BLOCK} in a row (mean per worker)", "ms")
+    sc.contenders = [
+        B.Contender(FS, _block(bench.forkserver_work())),
+        B.Contender(FS_NO_SPARE, _block(bench.forkserver_work(bench.tpl_no_spare, FS_NO_SPARE))),
+        B.Contender(MP_FS, _block(bench.mp_work(bench.mp_fs, MP_FS))),
+        B.Contender(FORK_FLOOR, _block(bench.helpers["fork"].once)),
+    ]
+    bench.measure(sc.contenders, rounds=max(1, bench.s.rounds // BLOCK))
+    sc.notes.append(f"{FS_NO_SPARE} = a template that keeps no spare clone ready")
+    return sc
+
+
+def _block(once: Callable[[], float]) -> Callable[[], float]:
+    """Sampler: the mean of BLOCK samples of ``once`` taken back to back."""
+    return lambda: sum(once() for _ in range(BLOCK)) / BLOCK
 
 
 def big_parent(bench: Bench) -> Scenario:
@@ -189,8 +222,9 @@ def idle_uss(bench: Bench) -> Scenario:
     return sc
 
 
-RUNNERS = {"start": start, "big_parent": big_parent, "exec": exec_true, "idle_uss": idle_uss}
-TITLES = {"start": "worker start -> ran -> reaped", "big_parent": "the same from a big parent",
+RUNNERS = {"start": start, "back_to_back": back_to_back, "big_parent": big_parent, "exec": exec_true, "idle_uss": idle_uss}
+TITLES = {"start": "worker start -> ran -> reaped", "back_to_back": "workers back to back",
+          "big_parent": "the same from a big parent",
           "exec": f"exec {TRUE}", "idle_uss": "idle worker USS"}
 
 

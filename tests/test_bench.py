@@ -13,6 +13,8 @@ from forkserver.__main__ import main
 
 EXPECTED = {
     "start": {"forkserver", "mp forkserver + preload", "mp spawn", "os.fork, small process"},
+    "back_to_back": {"forkserver", "forkserver, spare=False", "mp forkserver + preload",
+                     "os.fork, small process"},
     "big_parent": {"forkserver", "forkserver, small parent", "os.fork, this process"},
     "exec": {"forkserver.spawn", "subprocess.run", "os.posix_spawn + waitpid"},
     "idle_uss": {"forkserver", "mp forkserver + preload", "mp spawn"},
@@ -42,7 +44,7 @@ def test_bench_quick_writes_every_scenario_with_positive_numbers(tmp_path, capsy
         for row in scenario["contenders"]:
             _check_row(key, row)
     assert data["machine"]["cpus"] > 0 and data["machine"]["kernel"]
-    assert len(data["goals"]) == 5 and all("met" in g for g in data["goals"])
+    assert len(data["goals"]) == 7 and all("met" in g for g in data["goals"])
     out, err = capsys.readouterr()
     assert "vs forkserver" in out and "goals" in out
     assert "bench [1/5]" in err  # the progress lines
