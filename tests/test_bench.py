@@ -44,7 +44,8 @@ def test_bench_quick_writes_every_scenario_with_positive_numbers(tmp_path, capsy
         for row in scenario["contenders"]:
             _check_row(key, row)
     assert data["machine"]["cpus"] > 0 and data["machine"]["kernel"]
-    assert len(data["goals"]) == 7 and all("met" in g for g in data["goals"])  # start x2, back to back x2, big parent, exec, USS
+    # start x2, back to back x2, big parent, exec, USS
+    assert len(data["goals"]) == 7 and all("met" in g for g in data["goals"])
     out, err = capsys.readouterr()
     assert "vs forkserver" in out and "goals" in out
     assert f"bench [1/{1 + len(EXPECTED)}]" in err  # the progress lines
