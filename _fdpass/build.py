@@ -1,7 +1,8 @@
 """cffi builder for ``forkserver._fdpass`` (used at build time only).
 
 API mode, compiled against the full CPython API (not ``Py_LIMITED_API``):
-``fdp_fork_sibling`` calls the interpreter's fork hooks.
+``fdp_fork_sibling`` calls the interpreter's fork hooks; ``fdp_spawn_sibling``
+uses glibc's ``clone()`` wrapper.
 """
 import os
 
@@ -20,6 +21,30 @@ ffibuilder.cdef(
     int fdp_dup_many(int model, int *out, int n);
     int fdp_close_many(const int *fds, int n);
     int fdp_gettid(void);
+
+    struct fdp_spawn_args {
+        char **paths;
+        char **argv;
+        char **envp;
+        const char *cwd;
+        const int *src;
+        const int *dst;
+        int *scratch;
+        int nfd;
+        const int *keep;
+        int nkeep;
+        int floor;
+        int new_session;
+        int pgid;
+        unsigned long long dfl_sigs;
+        int err;
+        int stage;
+    };
+    #define FDP_STAGE_SESSION 1
+    #define FDP_STAGE_FDS 2
+    #define FDP_STAGE_CWD 3
+    #define FDP_STAGE_EXEC 4
+    int fdp_spawn_sibling(struct fdp_spawn_args *a);
     """
 )
 ffibuilder.set_source(

@@ -10,3 +10,29 @@ int fdp_fork_sibling(void);
 int fdp_dup_many(int model, int *out, int n);
 int fdp_close_many(const int *fds, int n);
 int fdp_gettid(void);
+
+/* A program for fdp_spawn_sibling (see fdpass.c). */
+struct fdp_spawn_args {
+    char **paths;            /* candidate paths of the program, NULL-terminated */
+    char **argv;             /* NULL-terminated */
+    char **envp;             /* NULL-terminated */
+    const char *cwd;         /* NULL: stay in the template's directory */
+    const int *src;          /* src[i] becomes fd dst[i]; -1: dst[i] is closed */
+    const int *dst;
+    int *scratch;            /* nfd ints for the child's own use */
+    int nfd;
+    const int *keep;         /* fds > 2 the program keeps, ascending */
+    int nkeep;
+    int floor;               /* above every src and dst */
+    int new_session;         /* setsid() */
+    int pgid;                /* -1: leave it, 0: a group of its own, > 0: join */
+    unsigned long long dfl_sigs;  /* bit s-1: signal s to SIG_DFL even if ignored */
+    int err;                 /* out: errno of the failed step, 0 if execve ran */
+    int stage;               /* out: FDP_STAGE_* of that step */
+};
+#define FDP_STAGE_SESSION 1
+#define FDP_STAGE_FDS 2
+#define FDP_STAGE_CWD 3
+#define FDP_STAGE_EXEC 4
+
+int fdp_spawn_sibling(struct fdp_spawn_args *a);

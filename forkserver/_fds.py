@@ -52,6 +52,7 @@ __all__ = [
     "FdChannel",
     "fork_sibling",
     "gettid",
+    "spawn_sibling",
 ]
 
 MAX_FDS_PER_MESSAGE: int = lib.FDP_MAX_FDS
@@ -460,6 +461,66 @@ def fork_sibling() -> int:
         err = ffi.errno
         raise OSError(err, f"clone(CLONE_PARENT) failed: {os.strerror(err)}")
     return pid
+
+
+#: where a failed spawn stopped (``spawn_sibling``'s third result)
+STAGE_SESSION: int = lib.FDP_STAGE_SESSION
+STAGE_FDS: int = lib.FDP_STAGE_FDS
+STAGE_CWD: int = lib.FDP_STAGE_CWD
+STAGE_EXEC: int = lib.FDP_STAGE_EXEC
+
+
+def _c_strings(items: List[bytes], keep: list) -> object:
+    """A NULL-terminated ``char *[]`` of ``items``; the buffers go to ``keep``."""
+    bufs = [ffi.new("char[]", item) for item in items]
+    array = ffi.new("char *[]", bufs + [ffi.NULL])
+    keep.append((bufs, array))  # a struct field does not keep its cdata alive
+    return array
+
+
+def spawn_sibling(
+    paths: List[bytes],
+    argv: List[bytes],
+    envp: List[bytes],
+    cwd: Optional[bytes],
+    fd_map: List[Tuple[int, int]],
+    keep: List[int],
+    new_session: bool,
+    pgid: int,
+    dfl_sigs: int,
+) -> Tuple[int, int, int]:
+    """Start a program as a child of our parent, vfork-style: ``(pid, errno, stage)``.
+
+    ``fd_map`` lists ``(source fd, target fd)`` pairs (source -1: the target
+    is closed); ``keep`` the targets above 2, ascending; every other fd is
+    closed at exec.  ``paths`` are tried in turn like ``execvpe``.  If the
+    child failed before or in ``execve``, errno is non-zero and the pid is
+    still that of an exited child the caller's parent must reap.  Raises
+    ``OSError`` only if the clone itself failed.
+    """
+    hold: list = []
+    nfd = len(fd_map)
+    a = ffi.new("struct fdp_spawn_args *")
+    a.paths = _c_strings(paths, hold)
+    a.argv = _c_strings(argv, hold)
+    a.envp = _c_strings(envp, hold)
+    cwd_c = ffi.new("char[]", cwd) if cwd is not None else ffi.NULL
+    a.cwd = cwd_c  # cwd_c, src, dst, scratch, keep_c: alive until the call returns
+    src = ffi.new("int[]", [s for s, _ in fd_map] or [0])
+    dst = ffi.new("int[]", [d for _, d in fd_map] or [0])
+    scratch = ffi.new("int[]", max(nfd, 1))
+    keep_c = ffi.new("int[]", keep or [0])
+    a.src, a.dst, a.scratch, a.nfd = src, dst, scratch, nfd
+    a.keep, a.nkeep = keep_c, len(keep)
+    a.floor = max([2] + [s for s, _ in fd_map] + [d for _, d in fd_map]) + 1
+    a.new_session = bool(new_session)
+    a.pgid = pgid
+    a.dfl_sigs = dfl_sigs
+    pid = lib.fdp_spawn_sibling(a)
+    if pid < 0:
+        err = ffi.errno
+        raise OSError(err, f"clone(CLONE_VM|CLONE_VFORK|CLONE_PARENT) failed: {os.strerror(err)}")
+    return pid, a.err, a.stage
 
 
 def gettid() -> int:
