@@ -23,9 +23,11 @@ ffibuilder.cdef(
     int fdp_gettid(void);
 
     struct fdp_spawn_args {
-        char **paths;
-        char **argv;
-        char **envp;
+        char *strings;
+        int npaths;
+        int nargv;
+        int nenv;
+        char **ptrs;
         const char *cwd;
         const int *src;
         const int *dst;

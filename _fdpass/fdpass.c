@@ -373,8 +373,21 @@ struct fdp_ksigaction {
 
 struct spawn_ctx {
     struct fdp_spawn_args *a;
+    char **paths, **argv, **envp;  /* NULL-terminated, in a->ptrs */
     uint64_t mask;  /* the caller's signal mask, restored before execve */
 };
+
+/* Point out[0..n-1] at the next n strings of *s, NULL-terminate out. */
+static char **slice_strings(char **s, char **out, int n)
+{
+    int i;
+    for (i = 0; i < n; i++) {
+        out[i] = *s;
+        *s += strlen(*s) + 1;
+    }
+    out[n] = NULL;
+    return out + n + 1;
+}
 
 #define FAIL(st) do { a->err = errno; a->stage = (st); goto fail; } while (0)
 
@@ -432,8 +445,8 @@ static int spawn_child(void *arg)
     /* Like execvpe over a PATH the caller expanded: go on after ENOENT or
      * ENOTDIR (not there), report the first other error (EACCES...) if the
      * program is nowhere, as CPython's _posixsubprocess does. */
-    for (i = 0; a->paths[i] != NULL; i++) {
-        execve(a->paths[i], a->argv, a->envp);
+    for (i = 0; ctx->paths[i] != NULL; i++) {
+        execve(ctx->paths[i], ctx->argv, ctx->envp);
         if (errno != ENOENT && errno != ENOTDIR && saved == 0)
             saved = errno;
     }
@@ -451,11 +464,18 @@ int fdp_spawn_sibling(struct fdp_spawn_args *a)
     char stack[FDP_SPAWN_STACK] __attribute__((aligned(16)));
     struct spawn_ctx ctx;
     uint64_t all = ~(uint64_t)0;
+    char *strings = a->strings, **next = a->ptrs;
     int pid, err;
 
     a->err = 0;
     a->stage = 0;
     ctx.a = a;
+    ctx.paths = next;
+    next = slice_strings(&strings, next, a->npaths);
+    ctx.argv = next;
+    next = slice_strings(&strings, next, a->nargv);
+    ctx.envp = next;
+    slice_strings(&strings, next, a->nenv);
     /* The kernel's sigset is 64 bits on x86_64/aarch64; SIGKILL/SIGSTOP
      * cannot be blocked and are silently left out. */
     if (syscall(SYS_rt_sigprocmask, SIG_SETMASK, &all, &ctx.mask, sizeof all) < 0)

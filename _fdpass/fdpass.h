@@ -13,9 +13,11 @@ int fdp_gettid(void);
 
 /* A program for fdp_spawn_sibling (see fdpass.c). */
 struct fdp_spawn_args {
-    char **paths;            /* candidate paths of the program, NULL-terminated */
-    char **argv;             /* NULL-terminated */
-    char **envp;             /* NULL-terminated */
+    char *strings;           /* npaths + nargv + nenv NUL-terminated strings, back to back: */
+    int npaths;              /*   candidate paths of the program, tried in turn */
+    int nargv;               /*   argv */
+    int nenv;                /*   the environment, "KEY=value" */
+    char **ptrs;             /* npaths + nargv + nenv + 3 slots, filled here */
     const char *cwd;         /* NULL: stay in the template's directory */
     const int *src;          /* src[i] becomes fd dst[i]; -1: dst[i] is closed */
     const int *dst;

@@ -470,18 +470,9 @@ STAGE_CWD: int = lib.FDP_STAGE_CWD
 STAGE_EXEC: int = lib.FDP_STAGE_EXEC
 
 
-def _c_strings(items: List[bytes], keep: list) -> object:
-    """A NULL-terminated ``char *[]`` of ``items``; the buffers go to ``keep``."""
-    bufs = [ffi.new("char[]", item) for item in items]
-    array = ffi.new("char *[]", bufs + [ffi.NULL])
-    keep.append((bufs, array))  # a struct field does not keep its cdata alive
-    return array
-
-
 def spawn_sibling(
-    paths: List[bytes],
-    argv: List[bytes],
-    envp: List[bytes],
+    strings: bytes,
+    counts: Tuple[int, int, int],
     cwd: Optional[bytes],
     fd_map: List[Tuple[int, int]],
     keep: List[int],
@@ -491,21 +482,24 @@ def spawn_sibling(
 ) -> Tuple[int, int, int]:
     """Start a program as a child of our parent, vfork-style: ``(pid, errno, stage)``.
 
-    ``fd_map`` lists ``(source fd, target fd)`` pairs (source -1: the target
-    is closed); ``keep`` the targets above 2, ascending; every other fd is
-    closed at exec.  ``paths`` are tried in turn like ``execvpe``.  If the
-    child failed before or in ``execve``, errno is non-zero and the pid is
-    still that of an exited child the caller's parent must reap.  Raises
-    ``OSError`` only if the clone itself failed.
+    ``strings`` holds the candidate paths, the argv and the environment,
+    each string NUL-terminated, back to back; ``counts`` says how many of
+    each.  The paths are tried in turn like ``execvpe``.  ``fd_map`` lists
+    ``(source fd, target fd)`` pairs (source -1: the target is closed);
+    ``keep`` the targets above 2, ascending; every other fd is closed at
+    exec.  If the child failed before or in ``execve``, errno is non-zero and
+    the pid is still that of an exited child the caller's parent must reap.
+    Raises ``OSError`` only if the clone itself failed.
     """
-    hold: list = []
     nfd = len(fd_map)
     a = ffi.new("struct fdp_spawn_args *")
-    a.paths = _c_strings(paths, hold)
-    a.argv = _c_strings(argv, hold)
-    a.envp = _c_strings(envp, hold)
+    # A struct field does not keep its cdata alive: these locals do, until we return.
+    buf = ffi.from_buffer(strings)
+    ptrs = ffi.new("char *[]", sum(counts) + 3)
+    a.strings, a.ptrs = buf, ptrs
+    a.npaths, a.nargv, a.nenv = counts
     cwd_c = ffi.new("char[]", cwd) if cwd is not None else ffi.NULL
-    a.cwd = cwd_c  # cwd_c, src, dst, scratch, keep_c: alive until the call returns
+    a.cwd = cwd_c
     src = ffi.new("int[]", [s for s, _ in fd_map] or [0])
     dst = ffi.new("int[]", [d for _, d in fd_map] or [0])
     scratch = ffi.new("int[]", max(nfd, 1))

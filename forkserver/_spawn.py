@@ -93,6 +93,9 @@ def _encode_argv(argv: Argv) -> Tuple[List[Any], List[bytes]]:
 
 
 def _encode_env(env: Mapping[Any, Any]) -> List[bytes]:
+    if env is os.environ:
+        # Already encoded and checked by putenv when set: no 100 us of re-encoding.
+        return [k + b"=" + v for k, v in os.environ._data.items()]  # type: ignore[attr-defined]
     out = []
     for key, value in env.items():
         k, v = os.fsencode(key), os.fsencode(value)
@@ -108,7 +111,11 @@ def _candidates(program: bytes, env: Mapping[Any, Any]) -> List[bytes]:
     """The paths to try, as ``execvpe`` would, with the *program's* PATH."""
     if b"/" in program:
         return [program]
-    return [os.path.join(os.fsencode(d), program) for d in os.get_exec_path(env)]
+    if env is os.environ:  # get_exec_path's warnings dance costs more than this
+        dirs = os.environ._data.get(b"PATH", os.defpath.encode()).split(b":")  # type: ignore[attr-defined]
+    else:
+        dirs = [os.fsencode(d) for d in os.get_exec_path(env)]
+    return [d + b"/" + program if d else program for d in dirs]
 
 
 def _caller_cwd() -> bytes:
@@ -201,7 +208,9 @@ def prepare(
         for fd in keep:
             os.fstat(fd)
             fd_map.append((slot(fd), fd))
-        spec = (paths, bargv, envp, bcwd, fd_map, keep, bool(start_new_session), pgid, _dfl_sigs())
+        strings = b"\0".join(paths + bargv + envp) + b"\0"
+        counts = (len(paths), len(bargv), len(envp))
+        spec = (strings, counts, bcwd, fd_map, keep, bool(start_new_session), pgid, _dfl_sigs())
         plan.payload = P.dumps(spec)
     except BaseException:
         plan.discard()
@@ -325,18 +334,24 @@ def _reply_or_cleanup(tpl: Any, r: int) -> Tuple[int, bytes]:
     try:
         return read_reply(tpl, r, close=False)
     except (KeyboardInterrupt, SystemExit):
-        try:
-            kind, payload = read_reply(tpl, r, close=False)
-            if kind == P.SPAWNED:
-                pid, err, _ = P.SPAWNED_FORMAT.unpack(payload)
-                if not err:
-                    os.kill(pid, signal.SIGKILL)  # still our child: the pid cannot be reused
-                os.waitpid(pid, 0)
-        except BaseException:
-            pass
+        abandon(tpl, r)
         raise
     finally:
         os.close(r)
+
+
+def abandon(tpl: Any, r: int) -> None:
+    """The caller gave up waiting (Ctrl-C, cancelled): read the reply anyway and
+    kill and reap the program it names, so no process or zombie is left over."""
+    try:
+        kind, payload = read_reply(tpl, r, close=False)
+        if kind == P.SPAWNED:
+            pid, err, _ = P.SPAWNED_FORMAT.unpack(payload)
+            if not err:
+                os.kill(pid, signal.SIGKILL)  # still our unreaped child: the pid cannot be reused
+            os.waitpid(pid, 0)
+    except BaseException:
+        pass
 
 
 def spawn(

@@ -38,9 +38,9 @@ def do_spawn(state, frame) -> None:
 
 
 def _spawn(spec: tuple, fds: list) -> bytes:
-    paths, argv, envp, cwd, fd_map, keep, new_session, pgid, dfl_sigs = spec
+    strings, counts, cwd, fd_map, keep, new_session, pgid, dfl_sigs = spec
     mapped = [(fds[i] if i >= 0 else -1, target) for i, target in fd_map]
-    pid, err, stage = spawn_sibling(paths, argv, envp, cwd, mapped, keep, new_session, pgid, dfl_sigs)
+    pid, err, stage = spawn_sibling(strings, counts, cwd, mapped, keep, new_session, pgid, dfl_sigs)
     return P.SPAWNED_FORMAT.pack(pid, err, stage)
 
 

@@ -1,0 +1,201 @@
+"""Exec latency and stream throughput: forkserver.spawn/stream against subprocess and posix_spawn.
+
+Part 1, exec: each sample is the wall time from "start /bin/true" until it
+has exited and been reaped by this process.  Contenders, interleaved
+round-robin in ONE run after a warm-up:
+
+  forkserver.spawn   forkserver.spawn(["/bin/true"]).wait()
+  subprocess.run     subprocess.run(["/bin/true"])  (vfork + exec in CPython)
+  os.posix_spawn     os.posix_spawn + os.waitpid    (glibc's vfork-style clone)
+
+then the same three again after this process has allocated and touched
+``--parent-mib`` MiB (default 4096; 0 skips it): the big-parent figures.
+
+Part 2, stream throughput: ``--stream-mib`` MiB (default 1024) read from
+``cat`` of a sparse file (zeros from the page cache, no disk), alternating:
+
+  forkserver.stream  for chunk in forkserver.stream(["cat", path]): ...
+  Popen + os.read    os.read(proc.stdout.fileno(), 65536) until EOF
+  Popen + read()     proc.stdout.read(65536) until EOF (the buffered idiom)
+
+Goals (issue 5): spawn <= 1.5x subprocess.run; stream >= 0.9x the Popen read.
+
+Run:
+    python benchmarks/exec.py                 # n=300, 4 GiB parent, 3 x 1 GiB streams
+    python benchmarks/exec.py --quick         # a few seconds
+    python benchmarks/exec.py --parent-mib 0 --json exec.json
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, Dict, List, Optional
+
+import forkserver
+
+MIB = 1 << 20
+TRUE = "/bin/true"
+
+
+def spawn_forkserver() -> int:
+    return forkserver.spawn([TRUE]).wait(60)
+
+
+def spawn_subprocess() -> int:
+    return subprocess.run([TRUE], timeout=60).returncode
+
+
+def spawn_posix() -> int:
+    pid = os.posix_spawn(TRUE, [TRUE], os.environ)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+EXEC = {"forkserver.spawn": spawn_forkserver, "subprocess.run": spawn_subprocess,
+        "os.posix_spawn": spawn_posix}
+
+
+def exec_round_robin(n: int, warmup: int) -> Dict[str, List[float]]:
+    """n samples of each contender, interleaved A B C A B C ..., seconds."""
+    samples: Dict[str, List[float]] = {name: [] for name in EXEC}
+    gc.collect()
+    gc.disable()  # no collector pauses inside samples
+    try:
+        for r in range(-warmup, n):
+            for name, once in EXEC.items():
+                t0 = time.perf_counter()
+                code = once()
+                elapsed = time.perf_counter() - t0
+                if code != 0:
+                    raise RuntimeError(f"{name}: /bin/true exited {code}")
+                if r >= 0:
+                    samples[name].append(elapsed)
+    finally:
+        gc.enable()
+    return samples
+
+
+def read_forkserver(path: str) -> int:
+    total = 0
+    for chunk in forkserver.stream(["cat", path], timeout=60):
+        total += len(chunk)
+    return total
+
+
+def _popen_reader(read: Callable[[subprocess.Popen], bytes]) -> Callable[[str], int]:
+    def run(path: str) -> int:
+        total = 0
+        with subprocess.Popen(["cat", path], stdout=subprocess.PIPE) as proc:
+            while True:
+                chunk = read(proc)
+                if not chunk:
+                    break
+                total += len(chunk)
+        if proc.returncode != 0:
+            raise RuntimeError(f"cat exited {proc.returncode}")
+        return total
+
+    return run
+
+
+STREAM = {
+    "forkserver.stream": read_forkserver,
+    "Popen + os.read": _popen_reader(lambda p: os.read(p.stdout.fileno(), 65536)),
+    "Popen + read()": _popen_reader(lambda p: p.stdout.read(65536)),
+}
+
+
+def stream_alternating(mib: int, rounds: int) -> Dict[str, List[float]]:
+    """MiB/s of each reader over ``rounds`` alternating passes of ``mib`` MiB."""
+    rates: Dict[str, List[float]] = {name: [] for name in STREAM}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "sparse")
+        with open(path, "wb") as f:
+            f.truncate(mib * MIB)  # a hole: cat reads zeros without touching a disk
+        for r in range(rounds):
+            names = list(STREAM) if r % 2 == 0 else list(reversed(STREAM))
+            for name in names:
+                t0 = time.perf_counter()
+                got = STREAM[name](path)
+                elapsed = time.perf_counter() - t0
+                if got != mib * MIB:
+                    raise RuntimeError(f"{name}: read {got} bytes, expected {mib * MIB}")
+                rates[name].append(mib / elapsed)
+    return rates
+
+
+def exec_table(title: str, samples: Dict[str, List[float]]) -> Dict[str, dict]:
+    med = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
+    base = med["subprocess.run"]
+    print(f"\n{title}")
+    print(f"{'contender':<20}{'n':>5}{'median ms':>11}{'p90 ms':>9}{'vs subprocess.run':>19}")
+    rows = {}
+    for name, values in samples.items():
+        p90 = sorted(values)[int(0.9 * (len(values) - 1))] * 1e3
+        ratio = med[name] / base
+        print(f"{name:<20}{len(values):>5}{med[name]:>11.3f}{p90:>9.3f}{ratio:>18.2f}x")
+        rows[name] = {"median_ms": med[name], "p90_ms": p90, "ratio_vs_subprocess_run": ratio}
+    return rows
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=300, help="exec samples per contender (default 300)")
+    parser.add_argument("--parent-mib", type=int, default=4096, metavar="M",
+                        help="then repeat from a parent holding M MiB (default 4096; 0 skips)")
+    parser.add_argument("--stream-mib", type=int, default=1024, metavar="M",
+                        help="MiB per stream pass (default 1024)")
+    parser.add_argument("--stream-rounds", type=int, default=3, help="passes per reader (default 3)")
+    parser.add_argument("--quick", action="store_true", help="CI-sized run: a few seconds")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.n, args.parent_mib, args.stream_mib, args.stream_rounds = 40, 0, 64, 2
+
+    print(f"Python {platform.python_version()}, {os.cpu_count()} CPUs, kernel {platform.release()}")
+    result: dict = {"python": platform.python_version(), "cpus": os.cpu_count(), "n": args.n}
+    small = exec_table("exec /bin/true, start -> reaped (small parent)", exec_round_robin(args.n, 20))
+    result["exec_small_parent"] = small
+    goals = [("spawn <= 1.5x subprocess.run", small["forkserver.spawn"]["ratio_vs_subprocess_run"], 1.5, True)]
+    if args.parent_mib:
+        ballast = bytearray(args.parent_mib * MIB)
+        ballast[::4096] = b"\1" * len(range(0, len(ballast), 4096))  # touch every page
+        big = exec_table(f"the same from a parent holding {args.parent_mib} MiB more",
+                         exec_round_robin(args.n, 20))
+        result["exec_big_parent"] = big
+        result["parent_mib"] = args.parent_mib
+        goals.append((f"spawn from a {args.parent_mib} MiB parent <= 1.5x subprocess.run",
+                      big["forkserver.spawn"]["ratio_vs_subprocess_run"], 1.5, True))
+        del ballast
+
+    rates = stream_alternating(args.stream_mib, args.stream_rounds)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print(f"\nstream {args.stream_mib} MiB from cat, {args.stream_rounds} alternating passes each")
+    print(f"{'reader':<20}{'median MiB/s':>14}{'vs Popen + os.read':>20}")
+    for name, rate in med.items():
+        print(f"{name:<20}{rate:>14.0f}{rate / med['Popen + os.read']:>19.2f}x")
+    result["stream_mib_per_s"] = med
+    goals.append(("stream >= 0.9x Popen + os.read", med["forkserver.stream"] / med["Popen + os.read"], 0.9, False))
+    goals.append(("stream >= 0.9x Popen + read()", med["forkserver.stream"] / med["Popen + read()"], 0.9, False))
+
+    print("\ngoals (issue 5, this run):")
+    result["goals"] = []
+    for text, value, limit, le in goals:
+        met = value <= limit if le else value >= limit
+        print(f"  {text:<58}{value:>6.2f}x  {'met' if met else 'MISSED'}")
+        result["goals"].append({"goal": text, "value": value, "limit": limit, "met": met})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
