@@ -60,12 +60,15 @@ class _Pump:
     """The non-blocking steps of a stream over a program's pipes."""
 
     def __init__(self, child: Child, pending: Optional[memoryview], source: Any, chunk_size: int,
-                 fed_from_outside: bool = False) -> None:
+                 fed_from_outside: bool = False, blocking_out: bool = False) -> None:
         self.child = child
         self.chunk_size = chunk_size
-        self.out: Optional[int] = _nonblocking(child.stdout)
         self.inp: Optional[int] = _nonblocking(child.stdin)
         self.err: Optional[int] = _nonblocking(child.stderr)
+        # Nothing but stdout to service: a blocking read is all next() needs,
+        # and saves the EAGAIN + poll when we read faster than the program writes.
+        self.blocking = blocking_out and self.inp is None and self.err is None
+        self.out: Optional[int] = child.stdout.fileno() if self.blocking else _nonblocking(child.stdout)
         self.pending = pending if pending is not None else memoryview(b"")
         self.source = source  # () -> bytes or None; None: nothing more than pending
         self.err_chunks: List[bytes] = []
@@ -195,7 +198,7 @@ class Stream:
         self._piped_err = stderr == "pipe"
         self._closed = False
         self.child = spawn(argv, **kwargs, **spawn_kwargs)
-        self._pump = _Pump(self.child, pending, source, chunk_size)
+        self._pump = _Pump(self.child, pending, source, chunk_size, blocking_out=timeout is None)
 
     pid = property(lambda self: self.child.pid, doc="The program's pid.")
     args = property(lambda self: self.child.args, doc="The program's argument list.")
