@@ -25,6 +25,7 @@ Run:
     python benchmarks/exec.py --quick         # a few seconds
     python benchmarks/exec.py --parent-mib 0 --json exec.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,11 @@ def spawn_posix() -> int:
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
-EXEC = {"forkserver.spawn": spawn_forkserver, "subprocess.run": spawn_subprocess,
-        "os.posix_spawn": spawn_posix}
+EXEC = {
+    "forkserver.spawn": spawn_forkserver,
+    "subprocess.run": spawn_subprocess,
+    "os.posix_spawn": spawn_posix,
+}
 
 
 def exec_round_robin(n: int, warmup: int) -> Dict[str, List[float]]:
@@ -147,12 +151,26 @@ def exec_table(title: str, samples: Dict[str, List[float]]) -> Dict[str, dict]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=300, help="exec samples per contender (default 300)")
-    parser.add_argument("--parent-mib", type=int, default=4096, metavar="M",
-                        help="then repeat from a parent holding M MiB (default 4096; 0 skips)")
-    parser.add_argument("--stream-mib", type=int, default=1024, metavar="M",
-                        help="MiB per stream pass (default 1024)")
-    parser.add_argument("--stream-rounds", type=int, default=3, help="passes per reader (default 3)")
+    parser.add_argument(
+        "--n", type=int, default=300, help="exec samples per contender (default 300)"
+    )
+    parser.add_argument(
+        "--parent-mib",
+        type=int,
+        default=4096,
+        metavar="M",
+        help="then repeat from a parent holding M MiB (default 4096; 0 skips)",
+    )
+    parser.add_argument(
+        "--stream-mib",
+        type=int,
+        default=1024,
+        metavar="M",
+        help="MiB per stream pass (default 1024)",
+    )
+    parser.add_argument(
+        "--stream-rounds", type=int, default=3, help="passes per reader (default 3)"
+    )
     parser.add_argument("--quick", action="store_true", help="CI-sized run: a few seconds")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
@@ -161,18 +179,35 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     print(f"Python {platform.python_version()}, {os.cpu_count()} CPUs, kernel {platform.release()}")
     result: dict = {"python": platform.python_version(), "cpus": os.cpu_count(), "n": args.n}
-    small = exec_table("exec /bin/true, start -> reaped (small parent)", exec_round_robin(args.n, 20))
+    small = exec_table(
+        "exec /bin/true, start -> reaped (small parent)", exec_round_robin(args.n, 20)
+    )
     result["exec_small_parent"] = small
-    goals = [("spawn <= 1.5x subprocess.run", small["forkserver.spawn"]["ratio_vs_subprocess_run"], 1.5, True)]
+    goals = [
+        (
+            "spawn <= 1.5x subprocess.run",
+            small["forkserver.spawn"]["ratio_vs_subprocess_run"],
+            1.5,
+            True,
+        )
+    ]
     if args.parent_mib:
         ballast = bytearray(args.parent_mib * MIB)
         ballast[::4096] = b"\1" * len(range(0, len(ballast), 4096))  # touch every page
-        big = exec_table(f"the same from a parent holding {args.parent_mib} MiB more",
-                         exec_round_robin(args.n, 20))
+        big = exec_table(
+            f"the same from a parent holding {args.parent_mib} MiB more",
+            exec_round_robin(args.n, 20),
+        )
         result["exec_big_parent"] = big
         result["parent_mib"] = args.parent_mib
-        goals.append((f"spawn from a {args.parent_mib} MiB parent <= 1.5x subprocess.run",
-                      big["forkserver.spawn"]["ratio_vs_subprocess_run"], 1.5, True))
+        goals.append(
+            (
+                f"spawn from a {args.parent_mib} MiB parent <= 1.5x subprocess.run",
+                big["forkserver.spawn"]["ratio_vs_subprocess_run"],
+                1.5,
+                True,
+            )
+        )
         del ballast
 
     rates = stream_alternating(args.stream_mib, args.stream_rounds)
@@ -182,8 +217,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name, rate in med.items():
         print(f"{name:<20}{rate:>14.0f}{rate / med['Popen + os.read']:>19.2f}x")
     result["stream_mib_per_s"] = med
-    goals.append(("stream >= 0.9x Popen + os.read", med["forkserver.stream"] / med["Popen + os.read"], 0.9, False))
-    goals.append(("stream >= 0.9x Popen + read()", med["forkserver.stream"] / med["Popen + read()"], 0.9, False))
+    goals.append(
+        (
+            "stream >= 0.9x Popen + os.read",
+            med["forkserver.stream"] / med["Popen + os.read"],
+            0.9,
+            False,
+        )
+    )
+    goals.append(
+        (
+            "stream >= 0.9x Popen + read()",
+            med["forkserver.stream"] / med["Popen + read()"],
+            0.9,
+            False,
+        )
+    )
 
     print("\ngoals (issue 5, this run):")
     result["goals"] = []

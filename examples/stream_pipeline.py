@@ -11,6 +11,7 @@ asks (back-pressure), so the same code handles files far bigger than RAM.
 Prints the sizes, the throughput and the peak memory growth; exits 1 if the
 round trip does not match.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,9 @@ def write_log(path: str, mib: int) -> str:
     with open(path, "wb") as f:
         written = 0
         while written < mib * MIB:
+            stamp = 1700000000 + written // 97
             lines = "".join(
-                f"{1700000000 + written // 97 + i} {' '.join(rng.choices(words, k=6))} {rng.random():.6f}\n"
+                f"{stamp + i} {' '.join(rng.choices(words, k=6))} {rng.random():.6f}\n"
                 for i in range(1000)
             ).encode()
             f.write(lines)
@@ -51,7 +53,9 @@ def peak_rss_mib() -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mib", type=int, default=64, help="size of the generated file (default 64)")
+    parser.add_argument(
+        "--mib", type=int, default=64, help="size of the generated file (default 64)"
+    )
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,7 +66,9 @@ def main(argv=None) -> int:
 
         t0 = time.perf_counter()
         with open(plain, "rb") as src, open(packed, "wb") as dst:
-            for chunk in forkserver.stream(["gzip", "-c"], input=src):  # stdin closes at EOF: gzip flushes
+            for chunk in forkserver.stream(
+                ["gzip", "-c"], input=src
+            ):  # stdin closes at EOF: gzip flushes
                 dst.write(chunk)
         t1 = time.perf_counter()
 
@@ -75,9 +81,11 @@ def main(argv=None) -> int:
                 back += len(chunk)
         t2 = time.perf_counter()
 
-        print(f"generated {size / MIB:.1f} MiB -> gzip {os.path.getsize(packed) / MIB:.1f} MiB "
-              f"({size / MIB / (t1 - t0):.0f} MiB/s) -> back {back / MIB:.1f} MiB "
-              f"({back / MIB / (t2 - t1):.0f} MiB/s)")
+        print(
+            f"generated {size / MIB:.1f} MiB -> gzip {os.path.getsize(packed) / MIB:.1f} MiB "
+            f"({size / MIB / (t1 - t0):.0f} MiB/s) -> back {back / MIB:.1f} MiB "
+            f"({back / MIB / (t2 - t1):.0f} MiB/s)"
+        )
         print(f"peak memory growth while streaming: {peak_rss_mib() - rss0:.1f} MiB")
         ok = got.hexdigest() == expected and back == size
         print("round trip:", "identical" if ok else "MISMATCH")

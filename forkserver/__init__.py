@@ -25,7 +25,7 @@ __version__ = "0.1.0.dev0"
 # import subprocess (about 3.5 ms and memory in every template and worker).
 _LAZY = {
     "CalledProcessError": "_spawn",
-    "run_program": "_spawn",
+    "run_program": "_communicate",
     "spawn": "_spawn",
     "Stream": "_stream",
     "stream": "_stream",

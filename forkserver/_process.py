@@ -126,7 +126,9 @@ class Child:
         assert code is not None
         return code
 
-    def communicate(self, input: Optional[bytes] = None, timeout: Optional[float] = None) -> Tuple[Optional[bytes], Optional[bytes]]:
+    def communicate(
+        self, input: Optional[bytes] = None, timeout: Optional[float] = None
+    ) -> Tuple[Optional[bytes], Optional[bytes]]:
         """Send ``input`` to stdin, read stdout and stderr to their end, wait for the exit.
 
         As ``subprocess.Popen.communicate``: returns ``(stdout, stderr)``
@@ -219,7 +221,7 @@ class Child:
                     pass  # the program exited without reading what stdin still buffered
 
     def close(self) -> None:
-        """Close the parent's end of the control socket and of the pipes (the process keeps running)."""
+        """Close our ends of the control socket and of the pipes (the process keeps running)."""
         if self.control is not None:
             self.control.close()
         self._close_pipes()

@@ -1,4 +1,4 @@
-"""``spawn`` and ``run_program``: external programs started by a template (parent side).
+"""``spawn``: external programs started by a template (parent side).
 
 The caller prepares everything here -- argv and environment as bytes, the
 PATH candidates, the fd map -- so the template only calls the C spawn
@@ -8,21 +8,22 @@ through its pidfd.  Stdio follows ``subprocess``: ``PIPE``, ``DEVNULL``,
 ``STDOUT`` (stderr only), an int fd or a file object; ``None`` inherits the
 caller's *current* fd 0, 1 or 2.
 """
+
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
-from subprocess import DEVNULL, PIPE, STDOUT, CompletedProcess
+from subprocess import DEVNULL, PIPE, STDOUT
 from typing import IO, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from . import _protocol as P
 from ._errors import BrokenChannelError, BrokenTemplateError, ForkserverError, ProtocolError
 from ._fds import HEADER, STAGE_CWD, STAGE_EXEC, STAGE_FDS, STAGE_SESSION
 from ._process import Child
-from ._wait import open_pidfd
+from ._wait import open_pidfd, wait_channel
 
-__all__ = ["CalledProcessError", "spawn", "run_program"]
+__all__ = ["CalledProcessError", "spawn"]
 
 Argv = Sequence[Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]]
 StdHandle = Union[None, int, IO[Any]]
@@ -41,6 +42,8 @@ def _dfl_sigs() -> int:
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         return _DFL_ALWAYS  # as subprocess: an ignored SIGINT stays ignored in children
     return _DFL_ALWAYS | _DFL_SIGINT
+
+
 _STAGES = {
     STAGE_SESSION: "starting its session or process group",
     STAGE_FDS: "placing its file descriptors",
@@ -65,7 +68,11 @@ class _Plan:
         self.payload = b""
         self.send: List[int] = []  # the program's fds, in the order of the payload's indexes
         self.close_after_send: List[int] = []
-        self.ours: List[Optional[int]] = [None, None, None]  # parent ends of stdin/stdout/stderr pipes
+        self.ours: List[Optional[int]] = [
+            None,
+            None,
+            None,
+        ]  # parent ends of stdin/stdout/stderr pipes
 
     def discard(self) -> None:
         """Close every fd the plan opened (after a failure)."""
@@ -88,7 +95,9 @@ def _encode_argv(argv: Argv) -> Tuple[List[Any], List[bytes]]:
         raise ValueError("spawn([]): the argument list is empty; its first item names the program")
     for arg in out:
         if b"\0" in arg:
-            raise ValueError(f"spawn(): argument {arg!r} contains a null byte, which exec cannot pass")
+            raise ValueError(
+                f"spawn(): argument {arg!r} contains a null byte, which exec cannot pass"
+            )
     return args, out
 
 
@@ -102,7 +111,9 @@ def _encode_env(env: Mapping[Any, Any]) -> List[bytes]:
         if not k or b"=" in k or b"\0" in k:
             raise ValueError(f"spawn(): illegal environment variable name {key!r}")
         if b"\0" in v:
-            raise ValueError(f"spawn(): the value of environment variable {key!r} contains a null byte")
+            raise ValueError(
+                f"spawn(): the value of environment variable {key!r} contains a null byte"
+            )
         out.append(k + b"=" + v)
     return out
 
@@ -163,13 +174,17 @@ def prepare(
         if not bcwd.startswith(b"/"):  # relative to the caller's directory, not the template's
             bcwd = os.path.join(_caller_cwd(), bcwd)
     if start_new_session and process_group is not None:
-        raise ValueError("spawn(): start_new_session and process_group exclude each other; pass one")
+        raise ValueError(
+            "spawn(): start_new_session and process_group exclude each other; pass one"
+        )
     pgid = -1 if process_group is None else int(process_group)
     if pgid < -1:
         raise ValueError(f"spawn(): process_group={process_group!r} must be >= 0")
     keep = sorted({int(fd) for fd in pass_fds})
     if keep and keep[0] < 3:
-        raise ValueError(f"spawn(): pass_fds={tuple(pass_fds)!r} includes 0-2; use stdin/stdout/stderr for those")
+        raise ValueError(
+            f"spawn(): pass_fds={tuple(pass_fds)!r} includes 0-2; use stdin/stdout/stderr for those"
+        )
 
     plan = _Plan(args, cwd)
     index: Dict[int, int] = {}  # fd to send -> its index in plan.send
@@ -183,7 +198,9 @@ def prepare(
     fd_map: List[Tuple[int, int]] = []
     devnull = -1
     try:
-        for target, (name, handle) in enumerate((("stdin", stdin), ("stdout", stdout), ("stderr", stderr))):
+        for target, (name, handle) in enumerate(
+            (("stdin", stdin), ("stdout", stdout), ("stderr", stderr))
+        ):
             if handle is None:
                 try:
                     os.fstat(target)
@@ -229,8 +246,6 @@ def send(tpl: Any, plan: _Plan) -> int:
             tpl._send(P.SPAWN, plan.payload, [w, *plan.send])
             chan = tpl._chan
             while chan.pending_output:  # the template must get all of it before we wait
-                from ._wait import wait_channel
-
                 wait_channel(chan, None)
                 try:
                     chan.flush()
@@ -292,7 +307,9 @@ def finish(plan: _Plan, kind: int, payload: bytes) -> Child:
         None if fd is None else open(fd, "wb" if i == 0 else "rb") for i, fd in enumerate(plan.ours)
     ]
     plan.ours = [None, None, None]  # owned by the file objects now
-    return Child(pid, None, pidfd=pidfd, args=plan.args, stdin=files[0], stdout=files[1], stderr=files[2])
+    return Child(
+        pid, None, pidfd=pidfd, args=plan.args, stdin=files[0], stdout=files[1], stderr=files[2]
+    )
 
 
 def _exec_error(plan: _Plan, err: int, stage: int) -> OSError:
@@ -300,7 +317,9 @@ def _exec_error(plan: _Plan, err: int, stage: int) -> OSError:
     if stage == STAGE_EXEC:
         return OSError(err, os.strerror(err), os.fspath(plan.args[0]))
     if stage == STAGE_CWD:
-        return OSError(err, os.strerror(err), os.fspath(plan.cwd) if plan.cwd is not None else os.getcwd())
+        return OSError(
+            err, os.strerror(err), os.fspath(plan.cwd) if plan.cwd is not None else os.getcwd()
+        )
     return OSError(err, f"{os.strerror(err)} (while {_STAGES.get(stage, 'starting the program')})")
 
 
@@ -380,52 +399,7 @@ def spawn(
     """
     from ._template import default_template
 
-    plan = prepare(argv, stdin, stdout, stderr, env, cwd, pass_fds, start_new_session, process_group)
+    plan = prepare(
+        argv, stdin, stdout, stderr, env, cwd, pass_fds, start_new_session, process_group
+    )
     return spawn_from(default_template(), plan, retry_default=True)
-
-
-def run_program(
-    argv: Argv,
-    *,
-    input: Optional[bytes] = None,
-    capture_output: bool = False,
-    check: bool = False,
-    timeout: Optional[float] = None,
-    **spawn_kwargs: Any,
-) -> "CompletedProcess[bytes]":
-    """Run a program to its end, as ``subprocess.run``; returns a ``CompletedProcess``.
-
-    ``input`` (bytes) is its stdin; ``capture_output=True`` pipes stdout and
-    stderr (or pass ``stdout=PIPE`` etc.).  After ``timeout`` seconds the
-    program is killed and ``subprocess.TimeoutExpired`` raised (with what it
-    had written); ``check=True`` raises ``forkserver.CalledProcessError`` for
-    a non-zero exit.  Other keywords go to ``spawn``.  (Not named ``run``:
-    ``Template.run`` runs a Python function.)
-    """
-    if input is not None:
-        if spawn_kwargs.get("stdin") is not None:
-            raise ValueError("run_program(): stdin and input exclude each other; pass one")
-        spawn_kwargs["stdin"] = PIPE
-    if capture_output:
-        if spawn_kwargs.get("stdout") is not None or spawn_kwargs.get("stderr") is not None:
-            raise ValueError("run_program(): capture_output excludes stdout and stderr; pass one or the other")
-        spawn_kwargs["stdout"] = spawn_kwargs["stderr"] = PIPE
-    child = spawn(argv, **spawn_kwargs)
-    try:
-        try:
-            out, err = child.communicate(input, timeout)
-        except subprocess.TimeoutExpired as exc:
-            child.kill()
-            exc.output, exc.stderr = child.communicate()
-            raise
-        except BaseException:
-            child.kill()
-            child.wait()
-            raise
-    finally:
-        child.close()
-    code = child.returncode
-    assert code is not None
-    if check and code:
-        raise CalledProcessError(code, child.args, out, err)
-    return CompletedProcess(child.args, code, out, err)

@@ -11,12 +11,12 @@ The steps are non-blocking calls on ``_Pump``, shared with the asyncio
 version in ``forkserver.aio``, which waits with ``loop.add_reader/
 add_writer`` instead of ``poll``.
 """
+
 from __future__ import annotations
 
 import os
 import select
 import subprocess
-import time
 from subprocess import DEVNULL, PIPE, STDOUT
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
@@ -33,13 +33,24 @@ STOP_GRACE = 5.0  # then SIGTERM, and this long before SIGKILL
 def spawn_args(input: Any, stderr: str) -> dict:
     """The stdio of ``spawn`` for a stream."""
     if stderr not in STDERR_MODES:
-        raise ValueError(f"stream(): stderr={stderr!r}; use one of {', '.join(map(repr, STDERR_MODES))}")
+        raise ValueError(
+            f"stream(): stderr={stderr!r}; use one of {', '.join(map(repr, STDERR_MODES))}"
+        )
     if isinstance(input, str):
-        raise TypeError("stream(): input is a str; pass bytes (encode it), an iterable of bytes or a binary file")
-    return {"stdin": DEVNULL if input is None else PIPE, "stdout": PIPE, "stderr": STDERR_MODES[stderr]}
+        raise TypeError(
+            "stream(): input is a str; pass bytes (encode it), an iterable of bytes "
+            "or a binary file"
+        )
+    return {
+        "stdin": DEVNULL if input is None else PIPE,
+        "stdout": PIPE,
+        "stderr": STDERR_MODES[stderr],
+    }
 
 
-def input_source(input: Any, chunk_size: int) -> Tuple[Optional[memoryview], Optional[Callable[[], Optional[bytes]]]]:
+def input_source(
+    input: Any, chunk_size: int
+) -> Tuple[Optional[memoryview], Optional[Callable[[], Optional[bytes]]]]:
     """(first pending bytes, a function giving the next chunk or None at the end)."""
     if input is None:
         return None, None
@@ -53,14 +64,23 @@ def input_source(input: Any, chunk_size: int) -> Tuple[Optional[memoryview], Opt
         return None, lambda: next(it, None)
     if hasattr(input, "__aiter__"):
         raise TypeError("stream(): an async iterable input needs forkserver.aio.stream")
-    raise TypeError(f"stream(): input={input!r}; pass bytes, an iterable of bytes, a binary file or None")
+    raise TypeError(
+        f"stream(): input={input!r}; pass bytes, an iterable of bytes, a binary file or None"
+    )
 
 
 class _Pump:
     """The non-blocking steps of a stream over a program's pipes."""
 
-    def __init__(self, child: Child, pending: Optional[memoryview], source: Any, chunk_size: int,
-                 fed_from_outside: bool = False, blocking_out: bool = False) -> None:
+    def __init__(
+        self,
+        child: Child,
+        pending: Optional[memoryview],
+        source: Any,
+        chunk_size: int,
+        fed_from_outside: bool = False,
+        blocking_out: bool = False,
+    ) -> None:
         self.child = child
         self.chunk_size = chunk_size
         self.inp: Optional[int] = _nonblocking(child.stdin)
@@ -68,7 +88,9 @@ class _Pump:
         # Nothing but stdout to service: a blocking read is all next() needs,
         # and saves the EAGAIN + poll when we read faster than the program writes.
         self.blocking = blocking_out and self.inp is None and self.err is None
-        self.out: Optional[int] = child.stdout.fileno() if self.blocking else _nonblocking(child.stdout)
+        self.out: Optional[int] = (
+            child.stdout.fileno() if self.blocking else _nonblocking(child.stdout)
+        )
         self.pending = pending if pending is not None else memoryview(b"")
         self.source = source  # () -> bytes or None; None: nothing more than pending
         self.err_chunks: List[bytes] = []
@@ -123,7 +145,9 @@ class _Pump:
     def take(self, chunk: Any) -> bool:
         """Make ``chunk`` the pending input; False if it is empty."""
         if isinstance(chunk, str) or not isinstance(chunk, (bytes, bytearray, memoryview)):
-            raise TypeError(f"stream(): an input chunk is {type(chunk).__name__}; chunks must be bytes")
+            raise TypeError(
+                f"stream(): an input chunk is {type(chunk).__name__}; chunks must be bytes"
+            )
         self.pending = memoryview(chunk).cast("B")
         return bool(self.pending)
 
@@ -187,8 +211,16 @@ class Stream:
     stops a program whose output was not read to the end.
     """
 
-    def __init__(self, argv: Argv, input: Any = None, *, chunk_size: int = 65536, stderr: str = "inherit",
-                 timeout: Optional[float] = None, **spawn_kwargs: Any) -> None:
+    def __init__(
+        self,
+        argv: Argv,
+        input: Any = None,
+        *,
+        chunk_size: int = 65536,
+        stderr: str = "inherit",
+        timeout: Optional[float] = None,
+        **spawn_kwargs: Any,
+    ) -> None:
         if chunk_size <= 0:
             raise ValueError(f"stream(): chunk_size={chunk_size!r} must be positive")
         kwargs = spawn_args(input, stderr)
@@ -202,7 +234,9 @@ class Stream:
 
     pid = property(lambda self: self.child.pid, doc="The program's pid.")
     args = property(lambda self: self.child.args, doc="The program's argument list.")
-    returncode = property(lambda self: self.child.returncode, doc="Its exit status once reaped, else None.")
+    returncode = property(
+        lambda self: self.child.returncode, doc="Its exit status once reaped, else None."
+    )
 
     def __repr__(self) -> str:
         return f"<forkserver.Stream {self.args!r} pid={self.pid} {self.child._state()}>"
@@ -244,7 +278,7 @@ class Stream:
             raise subprocess.TimeoutExpired(self.args, timeout)  # type: ignore[arg-type]
 
     def _finish(self) -> None:
-        """After the end of stdout: feed and drain until the program exits, then judge its status."""
+        """After the end of stdout: feed and drain until the program exits, then judge the exit."""
         pump, child = self._pump, self.child
         with child._waiting() as pidfd:
             while pidfd is not None and child.poll() is None:
@@ -308,8 +342,15 @@ class Stream:
             pass
 
 
-def stream(argv: Argv, input: Any = None, *, chunk_size: int = 65536, stderr: str = "inherit",
-           timeout: Optional[float] = None, **spawn_kwargs: Any) -> Stream:
+def stream(
+    argv: Argv,
+    input: Any = None,
+    *,
+    chunk_size: int = 65536,
+    stderr: str = "inherit",
+    timeout: Optional[float] = None,
+    **spawn_kwargs: Any,
+) -> Stream:
     """Run ``argv`` and iterate over its stdout in chunks of at most ``chunk_size`` bytes.
 
     Nothing is read before you ask for the next chunk (back-pressure: a fast
@@ -327,4 +368,6 @@ def stream(argv: Argv, input: Any = None, *, chunk_size: int = 65536, stderr: st
     ``subprocess.TimeoutExpired`` after stopping it.  ``env``, ``cwd`` and
     other ``spawn`` keywords are passed on.
     """
-    return Stream(argv, input, chunk_size=chunk_size, stderr=stderr, timeout=timeout, **spawn_kwargs)
+    return Stream(
+        argv, input, chunk_size=chunk_size, stderr=stderr, timeout=timeout, **spawn_kwargs
+    )

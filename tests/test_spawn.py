@@ -1,4 +1,5 @@
 """forkserver.spawn / Template.spawn / run_program: external programs from a template."""
+
 from __future__ import annotations
 
 import json
@@ -33,7 +34,9 @@ FD_PROBE = (
 
 
 def out_of(argv, **kwargs):
-    return forkserver.run_program(argv, capture_output=True, check=True, timeout=30, **kwargs).stdout
+    return forkserver.run_program(
+        argv, capture_output=True, check=True, timeout=30, **kwargs
+    ).stdout
 
 
 # -- exec failures -------------------------------------------------------------------
@@ -229,7 +232,9 @@ HUGE_LIMIT_PARENT = textwrap.dedent(
     for top in (limit - 1, limit - 100, limit // 2):
         opened.append(os.dup2(opened[0], top, inheritable=True))
     probe = sys.argv[1]
-    out = forkserver.run_program([sys.executable, "-S", "-c", probe], capture_output=True, check=True)
+    out = forkserver.run_program(
+        [sys.executable, "-S", "-c", probe], capture_output=True, check=True
+    )
     # The same spawns from a template under the huge limit and one under a small
     # limit, interleaved: a close loop up to the limit would show as a gap.
     huge = Template.new_exec()
@@ -270,12 +275,16 @@ def test_stdio_accepts_fds_and_file_objects(tmp_path, mode):
     path = tmp_path / "out.txt"
     with open(path, "wb") as f:
         target = f.fileno() if mode == "int" else f
-        forkserver.spawn(["sh", "-c", "echo out; echo err >&2"], stdout=target, stderr=STDOUT).wait(20)
+        forkserver.spawn(["sh", "-c", "echo out; echo err >&2"], stdout=target, stderr=STDOUT).wait(
+            20
+        )
     assert path.read_bytes() == b"out\nerr\n"
 
 
 def test_devnull_and_pipes_like_subprocess():
-    child = forkserver.spawn(["sh", "-c", "cat; echo err >&2"], stdin=PIPE, stdout=PIPE, stderr=DEVNULL)
+    child = forkserver.spawn(
+        ["sh", "-c", "cat; echo err >&2"], stdin=PIPE, stdout=PIPE, stderr=DEVNULL
+    )
     out, err = child.communicate(b"in\n", timeout=20)
     assert (out, err, child.returncode) == (b"in\n", None, 0)
     child = forkserver.spawn(["cat"], stdin=DEVNULL, stdout=PIPE)
@@ -308,7 +317,9 @@ def test_a_closed_caller_stdin_is_closed_in_the_program():
 
 
 def test_run_program_captures_output_and_returns_a_completed_process():
-    done = forkserver.run_program(["sh", "-c", "echo out; echo err >&2; exit 3"], capture_output=True)
+    done = forkserver.run_program(
+        ["sh", "-c", "echo out; echo err >&2; exit 3"], capture_output=True
+    )
     assert isinstance(done, subprocess.CompletedProcess)
     assert (done.returncode, done.stdout, done.stderr) == (3, b"out\n", b"err\n")
     assert done.args == ["sh", "-c", "echo out; echo err >&2; exit 3"]
@@ -316,7 +327,9 @@ def test_run_program_captures_output_and_returns_a_completed_process():
 
 def test_run_program_check_raises_an_error_both_excepts_catch():
     with pytest.raises(subprocess.CalledProcessError) as info:
-        forkserver.run_program(["sh", "-c", "echo bad >&2; exit 4"], capture_output=True, check=True)
+        forkserver.run_program(
+            ["sh", "-c", "echo bad >&2; exit 4"], capture_output=True, check=True
+        )
     assert isinstance(info.value, forkserver.ForkserverError)
     assert isinstance(info.value, forkserver.CalledProcessError)
     assert (info.value.returncode, info.value.stderr) == (4, b"bad\n")
@@ -324,7 +337,9 @@ def test_run_program_check_raises_an_error_both_excepts_catch():
 
 def test_run_program_timeout_kills_and_reports_partial_output():
     with pytest.raises(subprocess.TimeoutExpired) as info:
-        forkserver.run_program(["sh", "-c", "echo early; exec sleep 30"], capture_output=True, timeout=0.5)
+        forkserver.run_program(
+            ["sh", "-c", "echo early; exec sleep 30"], capture_output=True, timeout=0.5
+        )
     assert info.value.output == b"early\n"
 
 

@@ -1,4 +1,5 @@
 """forkserver.stream and forkserver.aio.stream: back-pressured program output."""
+
 from __future__ import annotations
 
 import asyncio
@@ -87,7 +88,11 @@ def test_an_exec_failure_raises_at_the_call():
 
 
 def test_env_and_cwd_are_passed_on(tmp_path):
-    out = collect(forkserver.stream(["sh", "-c", 'echo "$X"; pwd'], env={"X": "y", "PATH": os.defpath}, cwd=tmp_path))
+    out = collect(
+        forkserver.stream(
+            ["sh", "-c", 'echo "$X"; pwd'], env={"X": "y", "PATH": os.defpath}, cwd=tmp_path
+        )
+    )
     assert out.decode().split() == ["y", str(tmp_path)]
 
 
@@ -315,3 +320,22 @@ def test_aio_spawn_returns_an_awaitable_child():
         return await child.wait(20)
 
     assert asyncio.run(main()) == 7
+
+
+def test_cancelling_an_async_stream_stops_and_reaps_the_program():
+    async def main():
+        s = aio.stream(["sh", "-c", "echo started; exec sleep 30"])
+        first = asyncio.Event()
+
+        async def consume():
+            async for _ in s:
+                first.set()  # then waits in __anext__ for output that never comes
+
+        task = asyncio.ensure_future(consume())
+        await first.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return s.returncode
+
+    assert asyncio.run(asyncio.wait_for(main(), 60)) == -signal.SIGTERM

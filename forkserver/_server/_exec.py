@@ -9,6 +9,7 @@ or the errno and step where the child failed -- and writes it to the reply
 pipe that came with the command.  The program is a child of the template's
 parent, which reaps it (also after a failed exec: the child then exited 127).
 """
+
 from __future__ import annotations
 
 import os
