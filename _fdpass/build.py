@@ -31,11 +31,9 @@ ffibuilder.cdef(
         const char *cwd;
         const int *src;
         const int *dst;
-        int *scratch;
         int nfd;
         const int *keep;
         int nkeep;
-        int floor;
         int new_session;
         int pgid;
         unsigned long long dfl_sigs;

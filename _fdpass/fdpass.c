@@ -243,9 +243,9 @@ int fdp_gettid(void)
  *    mask right before execve.
  *
  * Descriptors: the child shares nothing but memory; its fd table is a copy
- * (no CLONE_FILES).  It first moves every source fd above all source and
- * target numbers (`floor`), so that placing one never clobbers another,
- * then dup2()s each to its target (dup2 clears close-on-exec).  Then every
+ * (no CLONE_FILES).  It dup2()s each source fd to its target (dup2 clears
+ * close-on-exec); the caller guarantees that no source number is also a
+ * target, so no dup2 overwrites a source still to be placed.  Then every
  * fd >= 3 except the kept ones is marked close-on-exec in O(1) per range
  * with close_range(CLOSE_RANGE_CLOEXEC) (Linux 5.11) -- never a loop up to
  * RLIMIT_NOFILE, which costs tens of ms with a limit of 10^6 (erlexec #150).
@@ -422,17 +422,12 @@ static int spawn_child(void *arg)
             FAIL(FDP_STAGE_SESSION);
     }
 
-    for (i = 0; i < a->nfd; i++) {
-        if (a->src[i] < 0)
-            continue;
-        a->scratch[i] = fcntl(a->src[i], F_DUPFD_CLOEXEC, a->floor);
-        if (a->scratch[i] < 0)
-            FAIL(FDP_STAGE_FDS);
-    }
+    /* No source is also a target (the caller sees to it), so no dup2 can
+     * overwrite a source still to be placed; dup2 clears close-on-exec. */
     for (i = 0; i < a->nfd; i++) {
         if (a->src[i] < 0)
             close(a->dst[i]);  /* the caller had it closed: so does the program */
-        else if (dup2(a->scratch[i], a->dst[i]) < 0)
+        else if (dup2(a->src[i], a->dst[i]) < 0)
             FAIL(FDP_STAGE_FDS);
     }
 

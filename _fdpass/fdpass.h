@@ -19,13 +19,11 @@ struct fdp_spawn_args {
     int nenv;                /*   the environment, "KEY=value" */
     char **ptrs;             /* npaths + nargv + nenv + 3 slots, filled here */
     const char *cwd;         /* NULL: stay in the template's directory */
-    const int *src;          /* src[i] becomes fd dst[i]; -1: dst[i] is closed */
-    const int *dst;
-    int *scratch;            /* nfd ints for the child's own use */
+    const int *src;          /* src[i] becomes fd dst[i]; -1: dst[i] is closed; */
+    const int *dst;          /*   no src is also a dst */
     int nfd;
     const int *keep;         /* fds > 2 the program keeps, ascending */
     int nkeep;
-    int floor;               /* above every src and dst */
     int new_session;         /* setsid() */
     int pgid;                /* -1: leave it, 0: a group of its own, > 0: join */
     unsigned long long dfl_sigs;  /* bit s-1: signal s to SIG_DFL even if ignored */

@@ -485,8 +485,8 @@ def spawn_sibling(
     ``strings`` holds the candidate paths, the argv and the environment,
     each string NUL-terminated, back to back; ``counts`` says how many of
     each.  The paths are tried in turn like ``execvpe``.  ``fd_map`` lists
-    ``(source fd, target fd)`` pairs (source -1: the target is closed);
-    ``keep`` the targets above 2, ascending; every other fd is closed at
+    ``(source fd, target fd)`` pairs (source -1: the target is closed; no
+    source may also be a target); ``keep`` the targets above 2, ascending; every other fd is closed at
     exec.  If the child failed before or in ``execve``, errno is non-zero and
     the pid is still that of an exited child the caller's parent must reap.
     Raises ``OSError`` only if the clone itself failed.
@@ -502,11 +502,9 @@ def spawn_sibling(
     a.cwd = cwd_c
     src = ffi.new("int[]", [s for s, _ in fd_map] or [0])
     dst = ffi.new("int[]", [d for _, d in fd_map] or [0])
-    scratch = ffi.new("int[]", max(nfd, 1))
     keep_c = ffi.new("int[]", keep or [0])
-    a.src, a.dst, a.scratch, a.nfd = src, dst, scratch, nfd
+    a.src, a.dst, a.nfd = src, dst, nfd
     a.keep, a.nkeep = keep_c, len(keep)
-    a.floor = max([2] + [s for s, _ in fd_map] + [d for _, d in fd_map]) + 1
     a.new_session = bool(new_session)
     a.pgid = pgid
     a.dfl_sigs = dfl_sigs

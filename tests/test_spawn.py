@@ -212,6 +212,40 @@ def test_the_program_gets_only_0_to_2_and_pass_fds_under_their_numbers():
             os.close(fd)
 
 
+def test_fds_are_placed_right_when_a_source_number_is_another_target():
+    # Run the template's SPAWN code in a forked helper with a crafted swap:
+    # the fd at A goes to B and the one at B goes to A.
+    from forkserver._server import _exec
+
+    from ._helpers import run_in_child, wait_exitcode
+
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    report_r, report_w = os.pipe()
+    a, b = w1, w2
+    code = f"import os; os.write({a}, b'to A'); os.write({b}, b'to B')"
+
+    def helper():
+        argv = [os.fsencode(sys.executable), b"-S", b"-c", code.encode()]
+        strings = b"\0".join(argv[:1] + argv) + b"\0"
+        spec = (strings, (1, len(argv), 0), None, [(0, b), (1, a)], sorted([a, b]), False, -1, 0)
+        os.write(report_w, _exec._spawn(spec, [a, b]))
+
+    helper_pid = run_in_child(helper)
+    for fd in (w1, w2, report_w):
+        os.close(fd)
+    try:
+        assert wait_exitcode(helper_pid) == 0
+        pid, err, _ = forkserver._protocol.SPAWNED_FORMAT.unpack(os.read(report_r, 100))
+        assert err == 0
+        assert wait_exitcode(pid) == 0  # CLONE_PARENT: the program is our child
+        # pipe 1's write end (was at A) sat at B in the program, and vice versa
+        assert (os.read(r1, 100), os.read(r2, 100)) == (b"to B", b"to A")
+    finally:
+        for fd in (r1, r2, report_r):
+            os.close(fd)
+
+
 HUGE_LIMIT_PARENT = textwrap.dedent(
     """
     import json, os, resource, statistics, sys, time
@@ -235,6 +269,9 @@ HUGE_LIMIT_PARENT = textwrap.dedent(
     out = forkserver.run_program(
         [sys.executable, "-S", "-c", probe], capture_output=True, check=True
     )
+    top = forkserver.run_program(  # a pass_fd at the very top of the table
+        [sys.executable, "-S", "-c", probe], capture_output=True, check=True, pass_fds=[limit - 1]
+    )
     # The same spawns from a template under the huge limit and one under a small
     # limit, interleaved: a close loop up to the limit would show as a gap.
     huge = Template.new_exec()
@@ -251,6 +288,7 @@ HUGE_LIMIT_PARENT = textwrap.dedent(
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}
     print(json.dumps({"limit": limit, "fds": json.loads(out.stdout), "opened": len(opened),
+                      "top": json.loads(top.stdout),
                       "huge_ms": med["huge"], "small_ms": med["small"]}))
     """
 )
@@ -264,6 +302,7 @@ def test_no_fd_leaks_and_no_slowdown_under_a_huge_rlimit_nofile():
     result = json.loads(out.stdout)
     assert result["limit"] >= 20000 and result["opened"] == 403
     assert result["fds"] == [0, 1, 2]
+    assert result["top"] == [0, 1, 2, result["limit"] - 1]
     # A loop over every fd number up to the limit costs ms at 2*10^4 and tens
     # of ms at 10^6 per spawn (erlexec #150); close_range costs the same at any limit.
     assert result["huge_ms"] < 1.6 * result["small_ms"] + 0.5, result

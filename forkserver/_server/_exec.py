@@ -12,7 +12,9 @@ parent, which reaps it (also after a failed exec: the child then exited 127).
 
 from __future__ import annotations
 
+import fcntl
 import os
+from typing import List, Set
 
 from .. import _protocol as P
 from .._fds import HEADER, spawn_sibling
@@ -40,9 +42,35 @@ def do_spawn(state, frame) -> None:
 
 def _spawn(spec: tuple, fds: list) -> bytes:
     strings, counts, cwd, fd_map, keep, new_session, pgid, dfl_sigs = spec
-    mapped = [(fds[i] if i >= 0 else -1, target) for i, target in fd_map]
-    pid, err, stage = spawn_sibling(strings, counts, cwd, mapped, keep, new_session, pgid, dfl_sigs)
+    targets = {target for _, target in fd_map}
+    moved: List[int] = []
+    try:
+        mapped = []
+        for i, target in fd_map:
+            src = fds[i] if i >= 0 else -1
+            if src in targets:  # placing another fd there first would destroy it
+                src = _off_targets(src, targets, moved)
+            mapped.append((src, target))
+        pid, err, stage = spawn_sibling(strings, counts, cwd, mapped, keep, new_session, pgid, dfl_sigs)
+    finally:
+        for fd in moved:
+            os.close(fd)
     return P.SPAWNED_FORMAT.pack(pid, err, stage)
+
+
+def _off_targets(fd: int, targets: Set[int], moved: List[int]) -> int:
+    """A close-on-exec duplicate of ``fd`` whose number is not a target (kept in ``moved``)."""
+    taken = []  # duplicates that landed on targets, held so the next one lands elsewhere
+    try:
+        while True:
+            dup = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+            if dup not in targets:
+                moved.append(dup)
+                return dup
+            taken.append(dup)
+    finally:
+        for held in taken:
+            os.close(held)
 
 
 def _write_all(fd: int, data: bytes) -> None:
