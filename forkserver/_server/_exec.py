@@ -51,7 +51,9 @@ def _spawn(spec: tuple, fds: list) -> bytes:
             if src in targets:  # placing another fd there first would destroy it
                 src = _off_targets(src, targets, moved)
             mapped.append((src, target))
-        pid, err, stage = spawn_sibling(strings, counts, cwd, mapped, keep, new_session, pgid, dfl_sigs)
+        pid, err, stage = spawn_sibling(
+            strings, counts, cwd, mapped, keep, new_session, pgid, dfl_sigs
+        )
     finally:
         for fd in moved:
             os.close(fd)
