@@ -487,8 +487,9 @@ def spawn_sibling(
     each.  The paths are tried in turn like ``execvpe``.  ``fd_map`` lists
     ``(source fd, target fd)`` pairs (source -1: the target is closed; no
     source may also be a target); ``keep`` the targets above 2, ascending;
-    every other fd is closed at exec.  If the child failed before or in ``execve``, errno is non-zero and
-    the pid is still that of an exited child the caller's parent must reap.
+    every other fd is closed at exec.  If the child failed before or in
+    ``execve``, errno is non-zero and the pid is still that of an exited
+    child the caller's parent must reap.
     Raises ``OSError`` only if the clone itself failed.
     """
     nfd = len(fd_map)
