@@ -99,7 +99,7 @@ def test_a_sibling_reports_its_own_pid_and_our_pid_as_its_parent():
         if pid == 0:
             os.write(1, b"%d %d %d\\n" % (os.getpid(), os.getppid(), gettid()))
             os._exit(0)
-        print(pid, flush=True)
+        os.write(1, b"%d\\n" % pid)  # one write: print() may split it around the sibling's line
         """
     )
     out = subprocess.run(
