@@ -1,7 +1,8 @@
 """cffi builder for ``forkserver._fdpass`` (used at build time only).
 
 API mode, compiled against the full CPython API (not ``Py_LIMITED_API``):
-``fdp_fork_sibling`` calls the interpreter's fork hooks.
+``fdp_fork_sibling`` calls the interpreter's fork hooks; ``fdp_spawn_sibling``
+uses glibc's ``clone()`` wrapper.
 """
 import os
 
@@ -21,6 +22,30 @@ ffibuilder.cdef(
     int fdp_close_many(const int *fds, int n);
     int fdp_gettid(void);
     int fdp_set_name(const char *name);
+
+    struct fdp_spawn_args {
+        char *strings;
+        int npaths;
+        int nargv;
+        int nenv;
+        char **ptrs;
+        const char *cwd;
+        const int *src;
+        const int *dst;
+        int nfd;
+        const int *keep;
+        int nkeep;
+        int new_session;
+        int pgid;
+        unsigned long long dfl_sigs;
+        int err;
+        int stage;
+    };
+    #define FDP_STAGE_SESSION 1
+    #define FDP_STAGE_FDS 2
+    #define FDP_STAGE_CWD 3
+    #define FDP_STAGE_EXEC 4
+    int fdp_spawn_sibling(struct fdp_spawn_args *a);
     """
 )
 ffibuilder.set_source(

@@ -10,8 +10,10 @@
 #include <fcntl.h>
 #include <sched.h>
 #include <signal.h>
+#include <stdint.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
@@ -213,4 +215,280 @@ int fdp_gettid(void)
 int fdp_set_name(const char *name)
 {
     return prctl(PR_SET_NAME, (unsigned long)name, 0, 0, 0);
+}
+
+/* ---- spawning a program: fdp_spawn_sibling --------------------------------
+ *
+ * posix_spawn's technique, with CLONE_PARENT: the template creates a child
+ * that shares its memory (CLONE_VM) and is suspended-for (CLONE_VFORK) until
+ * the child has exec'd or exited, and the child is made a child of the
+ * template's parent (CLONE_PARENT), i.e. of the user's process, which reaps
+ * it.  No page tables are copied, so a spawn costs the same from a small or
+ * a huge template.
+ *
+ * Why sharing memory is safe here:
+ *  - CLONE_VFORK: the calling thread sleeps until the child's execve has
+ *    replaced its memory map, or until it exits; so nothing else runs on
+ *    the memory the child writes (its stack and the args struct, both in
+ *    the caller's frame below).  Other threads of the caller (there are
+ *    none in a template) would keep running, which is why the child writes
+ *    nothing but its own stack and `a->err`/`a->stage`.
+ *  - The child runs on its own stack (a buffer in the caller's frame): with
+ *    a shared stack it would overwrite the frames the caller returns into.
+ *    glibc's clone() wrapper switches to it and calls spawn_child there;
+ *    syscall(SYS_clone) could not, since its `ret` would pop a return
+ *    address from the empty new stack.
+ *  - The child calls only async-signal-safe syscall wrappers: no malloc, no
+ *    locks, no Python.  Their errno lands in the caller's thread-local errno
+ *    (same memory, same TLS), which the caller does not read after a
+ *    successful clone.
+ *  - All signals are blocked around the clone: a signal delivered to the
+ *    child before it has reset the handlers would run the template's
+ *    handler (Python's C handler) on the template's memory.  The child
+ *    first resets every caught signal to SIG_DFL (an ignored signal stays
+ *    ignored, as exec keeps it, unless its bit is in `dfl_sigs`: Python
+ *    ignores SIGPIPE and SIGXFSZ, templates ignore SIGINT, glibc's
+ *    posix_spawn left 32 and 33 ignored), then restores the template's
+ *    mask right before execve.
+ *
+ * Descriptors: the child shares nothing but memory; its fd table is a copy
+ * (no CLONE_FILES).  It dup2()s each source fd to its target (dup2 clears
+ * close-on-exec); the caller guarantees that no source number is also a
+ * target, so no dup2 overwrites a source still to be placed.  Then every
+ * fd >= 3 except the kept ones is marked close-on-exec in O(1) per range
+ * with close_range(CLOSE_RANGE_CLOEXEC) (Linux 5.11) -- never a loop up to
+ * RLIMIT_NOFILE, which costs tens of ms with a limit of 10^6 (erlexec #150).
+ * Marking instead of closing also skips the close work of each file.
+ *
+ * Returns the child's pid, or -1 with errno if the clone failed.  A pid is
+ * returned even if the child failed before or in execve: then a->err is its
+ * errno and a->stage says where, and the child has _exit(127)ed -- it is a
+ * child of our parent, who must reap it. */
+
+#ifndef CLOSE_RANGE_CLOEXEC
+#define CLOSE_RANGE_CLOEXEC (1U << 2)
+#endif
+#ifndef SYS_close_range
+#define SYS_close_range 436   /* the same number on every architecture */
+#endif
+
+#define FDP_SPAWN_STACK (32 * 1024)
+
+struct fdp_linux_dirent64 {
+    uint64_t d_ino;
+    int64_t d_off;
+    unsigned short d_reclen;
+    unsigned char d_type;
+    char d_name[];
+};
+
+static int kept(const struct fdp_spawn_args *a, int fd)
+{
+    int i;
+    for (i = 0; i < a->nkeep; i++)
+        if (a->keep[i] == fd)
+            return 1;
+    return 0;
+}
+
+/* Old kernels: mark every open fd >= 3 but the kept ones close-on-exec,
+ * listing them in /proc/self/fd with raw getdents64 (opendir would malloc). */
+static int cloexec_listed(const struct fdp_spawn_args *a)
+{
+    char buf[4096] __attribute__((aligned(8)));
+    int dir = open("/proc/self/fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dir < 0)
+        return -1;
+    for (;;) {
+        long n = syscall(SYS_getdents64, dir, buf, sizeof buf);
+        long off;
+        if (n < 0) {
+            close(dir);
+            return -1;
+        }
+        if (n == 0)
+            break;
+        for (off = 0; off < n;) {
+            struct fdp_linux_dirent64 *d = (struct fdp_linux_dirent64 *)(buf + off);
+            const char *c = d->d_name;
+            int fd = 0;
+            off += d->d_reclen;
+            if (*c < '0' || *c > '9')
+                continue;  /* "." and ".." */
+            for (; *c >= '0' && *c <= '9'; c++)
+                fd = fd * 10 + (*c - '0');
+            if (fd > 2 && fd != dir && !kept(a, fd))
+                fcntl(fd, F_SETFD, FD_CLOEXEC);  /* marking does not change the listing */
+        }
+    }
+    close(dir);
+    return 0;
+}
+
+/* close_range(lo, hi) with *flags, dropping CLOSE_RANGE_CLOEXEC for good
+ * if the kernel refuses it (Linux 5.9-5.10 know close_range, not the flag). */
+static int close_range_flags(unsigned int lo, unsigned int hi, unsigned int *flags)
+{
+    for (;;) {
+        if (syscall(SYS_close_range, lo, hi, *flags) == 0)
+            return 0;
+        if (errno != EINVAL || *flags == 0)
+            return -1;
+        *flags = 0;
+    }
+}
+
+/* Every fd >= 3 except a->keep[] (ascending, > 2) is closed at execve. */
+static int cloexec_all_but_kept(const struct fdp_spawn_args *a)
+{
+    unsigned int lo = 3, flags = CLOSE_RANGE_CLOEXEC;
+    int i;
+    for (i = 0; i < a->nkeep; i++) {
+        unsigned int k = (unsigned int)a->keep[i];
+        if (k > lo && close_range_flags(lo, k - 1, &flags) < 0)
+            goto failed;
+        if (k >= lo)
+            lo = k + 1;
+    }
+    if (close_range_flags(lo, ~0U, &flags) == 0)
+        return 0;
+failed:
+    if (errno != ENOSYS)
+        return -1;
+    /* Linux < 5.9: no close_range */
+    if (cloexec_listed(a) == 0)
+        return 0;
+    {
+        /* No /proc either: the slow loop, as a last resort only. */
+        struct rlimit rl;
+        unsigned long fd, max = 65536;
+        if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY)
+            max = rl.rlim_cur;
+        for (fd = 3; fd < max; fd++)
+            if (!kept(a, (int)fd))
+                fcntl((int)fd, F_SETFD, FD_CLOEXEC);
+    }
+    return 0;
+}
+
+/* The kernel's struct sigaction (not glibc's): the same layout on x86_64 and
+ * arm64, which both define SA_RESTORER. */
+struct fdp_ksigaction {
+    void (*handler)(int);
+    unsigned long flags;
+    void (*restorer)(void);
+    uint64_t mask;
+};
+
+struct spawn_ctx {
+    struct fdp_spawn_args *a;
+    char **paths, **argv, **envp;  /* NULL-terminated, in a->ptrs */
+    uint64_t mask;  /* the caller's signal mask, restored before execve */
+};
+
+/* Point out[0..n-1] at the next n strings of *s, NULL-terminate out. */
+static char **slice_strings(char **s, char **out, int n)
+{
+    int i;
+    for (i = 0; i < n; i++) {
+        out[i] = *s;
+        *s += strlen(*s) + 1;
+    }
+    out[n] = NULL;
+    return out + n + 1;
+}
+
+#define FAIL(st) do { a->err = errno; a->stage = (st); goto fail; } while (0)
+
+static int spawn_child(void *arg)
+{
+    struct spawn_ctx *ctx = arg;
+    struct fdp_spawn_args *a = ctx->a;
+    struct fdp_ksigaction dfl, old;
+    int sig, i, saved = 0;
+
+    /* Raw rt_sigaction: glibc's sigaction() refuses its internal signals
+     * 32 and 33, which a template started by posix_spawn has *ignored*
+     * (glibc's spawn helper sets them to SIG_IGN, and exec keeps that). */
+    memset(&dfl, 0, sizeof dfl);  /* SIG_DFL is 0 */
+    for (sig = 1; sig < 65; sig++) {
+        if (sig == SIGKILL || sig == SIGSTOP)
+            continue;
+        if (syscall(SYS_rt_sigaction, sig, NULL, &old, sizeof(uint64_t)) < 0)
+            continue;
+        if (old.handler == SIG_DFL)
+            continue;
+        if (old.handler == SIG_IGN && !(a->dfl_sigs & (1ULL << (sig - 1))))
+            continue;
+        syscall(SYS_rt_sigaction, sig, &dfl, NULL, sizeof(uint64_t));
+    }
+
+    if (a->new_session) {
+        if (setsid() < 0)
+            FAIL(FDP_STAGE_SESSION);
+    } else if (a->pgid >= 0) {
+        if (setpgid(0, a->pgid) < 0)
+            FAIL(FDP_STAGE_SESSION);
+    }
+
+    /* No source is also a target (the caller sees to it), so no dup2 can
+     * overwrite a source still to be placed; dup2 clears close-on-exec. */
+    for (i = 0; i < a->nfd; i++) {
+        if (a->src[i] < 0)
+            close(a->dst[i]);  /* the caller had it closed: so does the program */
+        else if (dup2(a->src[i], a->dst[i]) < 0)
+            FAIL(FDP_STAGE_FDS);
+    }
+
+    if (a->cwd != NULL && chdir(a->cwd) < 0)
+        FAIL(FDP_STAGE_CWD);
+    if (cloexec_all_but_kept(a) < 0)
+        FAIL(FDP_STAGE_FDS);
+
+    syscall(SYS_rt_sigprocmask, SIG_SETMASK, &ctx->mask, NULL, sizeof ctx->mask);
+    /* Like execvpe over a PATH the caller expanded: go on after ENOENT or
+     * ENOTDIR (not there), report the first other error (EACCES...) if the
+     * program is nowhere, as CPython's _posixsubprocess does. */
+    for (i = 0; ctx->paths[i] != NULL; i++) {
+        execve(ctx->paths[i], ctx->argv, ctx->envp);
+        if (errno != ENOENT && errno != ENOTDIR && saved == 0)
+            saved = errno;
+    }
+    if (saved)
+        errno = saved;
+    FAIL(FDP_STAGE_EXEC);
+
+fail:
+    _exit(127);
+    return 127;
+}
+
+int fdp_spawn_sibling(struct fdp_spawn_args *a)
+{
+    char stack[FDP_SPAWN_STACK] __attribute__((aligned(16)));
+    struct spawn_ctx ctx;
+    uint64_t all = ~(uint64_t)0;
+    char *strings = a->strings, **next = a->ptrs;
+    int pid, err;
+
+    a->err = 0;
+    a->stage = 0;
+    ctx.a = a;
+    ctx.paths = next;
+    next = slice_strings(&strings, next, a->npaths);
+    ctx.argv = next;
+    next = slice_strings(&strings, next, a->nargv);
+    ctx.envp = next;
+    slice_strings(&strings, next, a->nenv);
+    /* The kernel's sigset is 64 bits on x86_64/aarch64; SIGKILL/SIGSTOP
+     * cannot be blocked and are silently left out. */
+    if (syscall(SYS_rt_sigprocmask, SIG_SETMASK, &all, &ctx.mask, sizeof all) < 0)
+        return -1;
+    /* Stacks grow down on every architecture we support: pass the top. */
+    pid = clone(spawn_child, stack + sizeof stack,
+                CLONE_VM | CLONE_VFORK | CLONE_PARENT | SIGCHLD, &ctx);
+    err = errno;
+    syscall(SYS_rt_sigprocmask, SIG_SETMASK, &ctx.mask, NULL, sizeof ctx.mask);
+    errno = err;
+    return pid;
 }

@@ -11,3 +11,29 @@ int fdp_dup_many(int model, int *out, int n);
 int fdp_close_many(const int *fds, int n);
 int fdp_gettid(void);
 int fdp_set_name(const char *name);
+
+/* A program for fdp_spawn_sibling (see fdpass.c). */
+struct fdp_spawn_args {
+    char *strings;           /* npaths + nargv + nenv NUL-terminated strings, back to back: */
+    int npaths;              /*   candidate paths of the program, tried in turn */
+    int nargv;               /*   argv */
+    int nenv;                /*   the environment, "KEY=value" */
+    char **ptrs;             /* npaths + nargv + nenv + 3 slots, filled here */
+    const char *cwd;         /* NULL: stay in the template's directory */
+    const int *src;          /* src[i] becomes fd dst[i]; -1: dst[i] is closed; */
+    const int *dst;          /*   no src is also a dst */
+    int nfd;
+    const int *keep;         /* fds > 2 the program keeps, ascending */
+    int nkeep;
+    int new_session;         /* setsid() */
+    int pgid;                /* -1: leave it, 0: a group of its own, > 0: join */
+    unsigned long long dfl_sigs;  /* bit s-1: signal s to SIG_DFL even if ignored */
+    int err;                 /* out: errno of the failed step, 0 if execve ran */
+    int stage;               /* out: FDP_STAGE_* of that step */
+};
+#define FDP_STAGE_SESSION 1
+#define FDP_STAGE_FDS 2
+#define FDP_STAGE_CWD 3
+#define FDP_STAGE_EXEC 4
+
+int fdp_spawn_sibling(struct fdp_spawn_args *a);

@@ -4,6 +4,8 @@ A small, freshly exec'd *template* interpreter receives commands and file
 descriptors over an AF_UNIX socket and forks children on demand; every child
 is a direct child of your process.  See README.md.
 """
+from typing import TYPE_CHECKING, Any
+
 from ._errors import (
     BrokenChannelError,
     BrokenTemplateError,
@@ -16,23 +18,34 @@ from ._errors import (
     RemoteTraceback,
     ThreadedTemplateError,
 )
-from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ._communicate import run_program
     from ._process import Child
+    from ._spawn import CalledProcessError, spawn
+    from ._stream import Stream, stream
     from ._template import Template, early
 
 __version__ = "0.1.0.dev0"
 
-# The parent-side names load on first use.  Template processes import
-# ``forkserver._server``, and with it this package: eager imports here would
-# load threading, weakref and the reaper into every template, and every clone
-# would then pay for their at-fork hooks (~120 copy-on-write page faults,
-# ~0.8 ms per fork measured here).
-_LAZY = {"Child": "._process", "Template": "._template", "early": "._template"}
+# Loaded on first use.  Template processes import ``forkserver._server``,
+# and with it this package: eager imports here would load threading, weakref,
+# subprocess and the reaper into every template, and every clone would pay
+# for their at-fork hooks (threading's alone: ~120 copy-on-write page faults,
+# ~0.8 ms per fork measured here; subprocess: ~3.5 ms of import time).
+_LAZY = {
+    "CalledProcessError": "._spawn",
+    "Child": "._process",
+    "Stream": "._stream",
+    "Template": "._template",
+    "early": "._template",
+    "run_program": "._communicate",
+    "spawn": "._spawn",
+    "stream": "._stream",
+}
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> Any:  # PEP 562
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'forkserver' has no attribute {name!r}")
@@ -46,9 +59,11 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> "list[str]":
     return sorted(set(globals()) | set(_LAZY))
 
+
 __all__ = [
     "BrokenChannelError",
     "BrokenTemplateError",
+    "CalledProcessError",
     "Child",
     "ClosedError",
     "FdTableFullError",
@@ -57,8 +72,12 @@ __all__ = [
     "ProtocolError",
     "RemoteError",
     "RemoteTraceback",
+    "Stream",
     "Template",
     "ThreadedTemplateError",
     "__version__",
     "early",
+    "run_program",
+    "spawn",
+    "stream",
 ]

@@ -52,6 +52,7 @@ __all__ = [
     "FdChannel",
     "fork_sibling",
     "gettid",
+    "spawn_sibling",
 ]
 
 MAX_FDS_PER_MESSAGE: int = lib.FDP_MAX_FDS
@@ -474,6 +475,59 @@ def fork_sibling() -> int:
         err = ffi.errno
         raise OSError(err, f"clone(CLONE_PARENT) failed: {os.strerror(err)}")
     return pid
+
+
+#: where a failed spawn stopped (``spawn_sibling``'s third result)
+STAGE_SESSION: int = lib.FDP_STAGE_SESSION
+STAGE_FDS: int = lib.FDP_STAGE_FDS
+STAGE_CWD: int = lib.FDP_STAGE_CWD
+STAGE_EXEC: int = lib.FDP_STAGE_EXEC
+
+
+def spawn_sibling(
+    strings: bytes,
+    counts: Tuple[int, int, int],
+    cwd: Optional[bytes],
+    fd_map: List[Tuple[int, int]],
+    keep: List[int],
+    new_session: bool,
+    pgid: int,
+    dfl_sigs: int,
+) -> Tuple[int, int, int]:
+    """Start a program as a child of our parent, vfork-style: ``(pid, errno, stage)``.
+
+    ``strings`` holds the candidate paths, the argv and the environment,
+    each string NUL-terminated, back to back; ``counts`` says how many of
+    each.  The paths are tried in turn like ``execvpe``.  ``fd_map`` lists
+    ``(source fd, target fd)`` pairs (source -1: the target is closed; no
+    source may also be a target); ``keep`` the targets above 2, ascending;
+    every other fd is closed at exec.  If the child failed before or in
+    ``execve``, errno is non-zero and the pid is still that of an exited
+    child the caller's parent must reap.
+    Raises ``OSError`` only if the clone itself failed.
+    """
+    nfd = len(fd_map)
+    a = ffi.new("struct fdp_spawn_args *")
+    # A struct field does not keep its cdata alive: these locals do, until we return.
+    buf = ffi.from_buffer(strings)
+    ptrs = ffi.new("char *[]", sum(counts) + 3)
+    a.strings, a.ptrs = buf, ptrs
+    a.npaths, a.nargv, a.nenv = counts
+    cwd_c = ffi.new("char[]", cwd) if cwd is not None else ffi.NULL
+    a.cwd = cwd_c
+    src = ffi.new("int[]", [s for s, _ in fd_map] or [0])
+    dst = ffi.new("int[]", [d for _, d in fd_map] or [0])
+    keep_c = ffi.new("int[]", keep or [0])
+    a.src, a.dst, a.nfd = src, dst, nfd
+    a.keep, a.nkeep = keep_c, len(keep)
+    a.new_session = bool(new_session)
+    a.pgid = pgid
+    a.dfl_sigs = dfl_sigs
+    pid = lib.fdp_spawn_sibling(a)
+    if pid < 0:
+        err = ffi.errno
+        raise OSError(err, f"clone(CLONE_VM|CLONE_VFORK|CLONE_PARENT) failed: {os.strerror(err)}")
+    return pid, a.err, a.stage
 
 
 def gettid() -> int:

@@ -1,4 +1,4 @@
-"""``Child``: a running worker process, in the parent."""
+"""``Child``: a running worker or program, in the parent."""
 from __future__ import annotations
 
 import contextlib
@@ -6,33 +6,44 @@ import os
 import signal
 import socket
 import threading
-from typing import Iterator, Optional, Sequence
+from typing import IO, Any, Iterator, Optional, Sequence, Tuple
 
 from ._wait import open_pidfd, reap_now, wait_readable
 
 
 class Child:
-    """A process started by ``Template.run``: your direct child.
+    """A process started by ``Template.run`` or ``spawn``: your direct child.
 
-    ``control`` is the process's end of its command socket turned control
-    socket (non-blocking, close-on-exec here; the worker got the other end as
-    its first argument).  ``wait``/``poll``/``returncode`` follow
-    ``subprocess.Popen``: a negative returncode is the signal that ended it.
+    For a worker, ``control`` is the process's end of its command socket
+    turned control socket (non-blocking, close-on-exec here; the worker got
+    the other end as its first argument).  For a program (``spawn``),
+    ``control`` is None, ``args`` is its argument list, and ``stdin``,
+    ``stdout``, ``stderr`` are binary file objects for the streams asked as
+    ``subprocess.PIPE`` (else None).  ``wait``/``poll``/``returncode``/
+    ``communicate`` follow ``subprocess.Popen``: a negative returncode is the
+    signal that ended it.
     """
 
     def __init__(
         self,
         pid: int,
-        control: socket.socket,
+        control: Optional[socket.socket],
         target: str = "",
         pidfd: Optional[int] = None,
         *,
         check: bool = False,
         exit_timeout: Optional[float] = None,
+        args: Any = None,
+        stdin: Optional[IO[bytes]] = None,
+        stdout: Optional[IO[bytes]] = None,
+        stderr: Optional[IO[bytes]] = None,
     ) -> None:
         self.pid = pid
         self.control = control
         self.target = target
+        self.args = args
+        self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
+        self._comm: Any = None  # communicate()'s state across a TimeoutExpired
         #: used by ``with child:`` when the block ends normally
         self.check = check
         self.exit_timeout = exit_timeout
@@ -102,12 +113,32 @@ class Child:
     def _timeout(self, timeout: Optional[float]) -> Exception:
         import subprocess
 
-        return subprocess.TimeoutExpired(self.target or str(self.pid), timeout)
+        return subprocess.TimeoutExpired(self._cmd(), timeout)
+
+    def _cmd(self) -> Any:
+        """What errors name the process by: its args, its target, or its pid."""
+        if self.args is not None:
+            return self.args
+        return self.target or str(self.pid)
 
     def _reap_after_wait(self) -> int:
         code = self.poll()
         assert code is not None
         return code
+
+    def communicate(
+        self, input: Optional[bytes] = None, timeout: Optional[float] = None
+    ) -> Tuple[Optional[bytes], Optional[bytes]]:
+        """Send ``input`` to stdin, read stdout and stderr to their end, wait for the exit.
+
+        As ``subprocess.Popen.communicate``: returns ``(stdout, stderr)``
+        (None for a stream that is not a pipe); after ``timeout`` seconds
+        raises ``subprocess.TimeoutExpired`` and the child keeps running --
+        call ``communicate()`` again (nothing read is lost) or ``kill()`` it.
+        """
+        from ._communicate import communicate
+
+        return communicate(self, input, timeout)
 
     # -- signals -----------------------------------------------------------------
 
@@ -159,10 +190,15 @@ class Child:
         """Block ended normally: wait for the exit (``exit_timeout``) and, with
         ``check``, raise ``CalledProcessError`` on a failure.  Block raised:
         ``stop()`` the child.  A child is never terminated on the success path.
+        Pipes to a program are closed first, as ``Popen`` does (stdin last,
+        flushed, so the program sees its end of input).
         """
         import subprocess
 
+        from ._spawn import CalledProcessError
+
         try:
+            self._close_pipes()
             if exc_type is not None:
                 self.stop()
                 return
@@ -172,13 +208,23 @@ class Child:
                 self.stop()
                 raise
             if self.check and code != 0:
-                raise subprocess.CalledProcessError(code, self.target or str(self.pid))
+                raise CalledProcessError(code, self._cmd())
         finally:
-            self.control.close()
+            self.close()
+
+    def _close_pipes(self) -> None:
+        for stream in (self.stdout, self.stderr, self.stdin):
+            if stream is not None:
+                try:
+                    stream.close()
+                except BrokenPipeError:
+                    pass  # the program exited without reading what stdin still buffered
 
     def close(self) -> None:
-        """Close the parent's end of the control socket (the process keeps running)."""
-        self.control.close()
+        """Close our ends of the control socket and of the pipes (the process keeps running)."""
+        if self.control is not None:
+            self.control.close()
+        self._close_pipes()
 
     def __del__(self) -> None:
         # Dropped while running: the reaper waits for it, so no zombie stays.

@@ -8,6 +8,10 @@ marks the template broken: every later reply-bearing command answers with
 that first error, and ``FORK`` refuses — so no error is ever silent, and it
 surfaces no later than the next call that waits.
 
+``SPAWN`` (fork + exec of a program) replies on its own reply pipe, sent
+with the command, never on the template's socket: the default template is
+shared by every thread of the parent, so replies must not cross.
+
 ``FORK`` carries the command socket of the new process as its only fd.  The
 template never replies to it on its own channel: the new process greets the
 parent with ``HELLO`` on the new socket, or the template writes the
@@ -27,7 +31,7 @@ from typing import Any, Callable, Dict, Tuple, Union
 
 from ._errors import RemoteError, RemoteTraceback
 
-VERSION = 1
+VERSION = 2  # 2: SPAWN
 
 # parent -> template
 SETUP = 1  # pickled context dict; fds: stdin, stdout, stderr (those given)
@@ -37,19 +41,22 @@ SEND_ARG = 4  # pickled list of objects
 SEND_FH = 5  # pickled list of handle descriptions; fds: the handles
 FORK = 6  # no payload; fds: the new process's command socket
 RUN = 7  # pickled (module, qualname)                              -> RUNNING | ERROR
+SPAWN = 8  # pickled spawn spec; fds: reply pipe, then the program's fds -> SPAWNED | ERROR
 
 # template -> parent
 HELLO = 101  # HELLO_FORMAT (version, pid): the first frame on every command socket
 RESULT = 102
 ERROR = 103  # encode_error()
 RUNNING = 104  # the last protocol frame: user bytes follow
+SPAWNED = 105  # SPAWNED_FORMAT (pid, errno, stage), on the SPAWN's reply pipe
 
 HELLO_FORMAT = struct.Struct("=II")
+SPAWNED_FORMAT = struct.Struct("=iii")
 
 NAMES = {
     SETUP: "setup", REQUIRE: "require", EVAL: "eval", SEND_ARG: "send_arg",
-    SEND_FH: "send_fh", FORK: "fork", RUN: "run",
-    HELLO: "hello", RESULT: "result", ERROR: "error", RUNNING: "running",
+    SEND_FH: "send_fh", FORK: "fork", RUN: "run", SPAWN: "spawn",
+    HELLO: "hello", RESULT: "result", ERROR: "error", RUNNING: "running", SPAWNED: "spawned",
 }  # fmt: skip
 
 # Standard thread-pool limits applied while a template imports or evaluates

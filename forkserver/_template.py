@@ -532,6 +532,17 @@ class Template:
         pidfd, self._pidfd = self._pidfd, None
         return Child(self._pid, control, target, pidfd, check=check, exit_timeout=timeout)
 
+    def spawn(self, argv: Sequence[Any], **kwargs: Any) -> Child:
+        """Start an external program from this template; see ``forkserver.spawn``.
+
+        The program takes *your* current environment, directory and stdio
+        unless overridden, as with ``forkserver.spawn``; the template only
+        provides the cheap process creation.  The template stays usable.
+        """
+        from ._spawn import prepare, spawn_from
+
+        return spawn_from(self, prepare(argv, **kwargs))
+
     # -- closing -----------------------------------------------------------------
 
     def close(self) -> None:

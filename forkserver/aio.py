@@ -7,10 +7,15 @@
         ...                                   # the block ends: await its exit
     code = child.returncode
 
-Waiting uses no threads: a child's exit is awaited on its pidfd and template
-replies on their socket, both with ``loop.add_reader``.  ``Template()`` and
-``fork()`` themselves do not wait on anything long and stay synchronous.
-Use one template either from coroutines or from threads, not both at once.
+    child = await aio.spawn(["convert", "in.png", "out.jpg"])   # an AsyncChild
+    async for chunk in aio.stream(["gzip", "-c"], input=data):   # back-pressured
+        ...
+
+Waiting uses no threads: a child's exit is awaited on its pidfd, template
+replies on their socket or reply pipe, and stream pipes, all with
+``loop.add_reader``/``add_writer``.  ``Template()`` and ``fork()`` themselves
+do not wait on anything long and stay synchronous.  Use one template either
+from coroutines or from threads, not both at once.
 """
 from __future__ import annotations
 
@@ -18,13 +23,14 @@ import asyncio
 import signal
 import subprocess
 import weakref
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 from . import _protocol as P
 from ._process import Child
+from ._spawn import CalledProcessError
 from ._template import _HELLO_READ, _WAIT, Target, Template
 
-__all__ = ["require", "eval", "run", "wait", "AsyncChild"]
+__all__ = ["require", "eval", "run", "wait", "spawn", "stream", "AsyncChild", "AsyncStream"]
 
 _locks: "weakref.WeakKeyDictionary[Template, asyncio.Lock]" = weakref.WeakKeyDictionary()
 
@@ -38,22 +44,31 @@ def _lock_for(tpl: Template) -> asyncio.Lock:
 
 async def _fd_ready(fd: int, write: bool = False, delay: Optional[float] = None) -> None:
     """Resolve when ``fd`` is readable (or writable, with ``write``), or after ``delay``."""
+    await _any_ready([(fd, False)] + ([(fd, True)] if write else []), delay)
+
+
+async def _any_ready(fds: Sequence[Tuple[int, bool]], delay: Optional[float] = None) -> bool:
+    """When one of the (fd, for writing) pairs is ready (True), or after ``delay`` (False)."""
     loop = asyncio.get_running_loop()
     fut = loop.create_future()
 
-    def wake() -> None:
+    def wake(ready: bool) -> None:
         if not fut.done():
-            fut.set_result(None)
+            fut.set_result(ready)
 
-    loop.add_reader(fd, wake)
-    if write:
-        loop.add_writer(fd, wake)
-    timer = loop.call_later(delay, wake) if delay is not None else None
+    readers = [fd for fd, write in fds if not write]
+    writers = [fd for fd, write in fds if write]
+    for fd in readers:
+        loop.add_reader(fd, wake, True)
+    for fd in writers:
+        loop.add_writer(fd, wake, True)
+    timer = loop.call_later(delay, wake, False) if delay is not None else None
     try:
-        await fut
+        return await fut
     finally:
-        loop.remove_reader(fd)
-        if write:
+        for fd in readers:
+            loop.remove_reader(fd)
+        for fd in writers:
             loop.remove_writer(fd)
         if timer is not None:
             timer.cancel()
@@ -132,8 +147,9 @@ async def wait(child: Child, timeout: Optional[float] = None) -> int:
 class AsyncChild:
     """A ``Child`` with awaitable ``wait``/``stop`` and ``async with``.
 
-    Everything else (``pid``, ``control``, ``returncode``, ``poll``,
-    ``send_signal``, ``terminate``, ``kill``) is the wrapped child's.
+    Everything else (``pid``, ``control``, ``args``, ``stdin``/``stdout``/
+    ``stderr``, ``returncode``, ``poll``, ``send_signal``, ``terminate``,
+    ``kill``) is the wrapped child's.
     ``async with`` waits for the exit when the block ends normally (raising
     ``CalledProcessError`` with ``check``) and stops the child when it raises.
     """
@@ -179,6 +195,11 @@ class AsyncChild:
                 await self.stop()
                 raise
             if child.check and code != 0:
-                raise subprocess.CalledProcessError(code, child.target or str(child.pid))
+                raise CalledProcessError(code, child._cmd())
         finally:
-            child.control.close()
+            child.close()
+
+
+# -- programs: spawn, stream (in _astream.py, which uses the helpers above) ---------------
+
+from ._astream import AsyncStream, spawn, stream  # noqa: E402

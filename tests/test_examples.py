@@ -20,3 +20,12 @@ def test_prefork_server_example_serves_every_request_from_its_workers():
     assert len(pids) == 3 and len(answers) == 12
     assert {a.split("(pid ")[1].rstrip(")") for a in answers} <= set(pids)
     assert lines[-1].endswith("exit codes: [0, 0, 0]")
+
+
+def test_stream_pipeline_example_round_trips_a_file_through_gzip():
+    out = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, "stream_pipeline.py"), "--mib", "8"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("round trip: identical")

@@ -4,7 +4,8 @@ A template reads commands from its blocking command socket, one frame at a
 time, until ``RUN`` turns it into a worker or EOF tells it to exit.  On
 ``FORK`` it clones itself with ``fork_sibling``: the clone drops the old
 socket, greets the parent on the new one and goes on in this same loop as a
-template of its own — the stack does not grow.
+template of its own — the stack does not grow.  ``SPAWN`` starts an external
+program (``_exec.py``).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import Any, Callable, List, NoReturn, Optional, Tuple
 from .. import _protocol as P
 from .._errors import BrokenChannelError, ForkserverError
 from .._fds import FdChannel, Frame, drop_reserve, fork_sibling
+from ._exec import do_spawn
 from ._hygiene import check_single_threaded, set_title, thread_count, thread_limits, watch_parent
 
 Work = Tuple[Callable[..., Any], List[Any], dict]  # func, sent items, run options
@@ -260,6 +262,9 @@ def serve(state: _State) -> Optional[Work]:
             work = _do_fork(state, frame)
             if work is not None:
                 return work
+            continue
+        if kind == P.SPAWN:  # replies on its own pipe, errors included
+            do_spawn(state, frame)
             continue
         name = P.NAMES.get(kind, f"kind {kind}")
         if kind in _HANDLERS:

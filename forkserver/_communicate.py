@@ -1,0 +1,162 @@
+"""Running a program to its end: ``Child.communicate`` and ``run_program``.
+
+``communicate`` feeds stdin, collects stdout/stderr and waits, as
+``Popen.communicate``; ``run_program`` is ``subprocess.run`` on top of it.
+
+One thread, one ``poll`` loop: input is written in ``PIPE_BUF`` pieces when
+stdin is writable (a write of at most ``PIPE_BUF`` bytes to a pipe that
+polled writable never blocks), output is read as it comes, so the program
+never blocks on a full pipe while we block on another.  The state survives a
+``TimeoutExpired``, so a second call goes on where the first stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import time
+from subprocess import PIPE, CompletedProcess
+from typing import Any, Dict, List, Optional, Tuple
+
+from ._spawn import Argv, CalledProcessError, spawn
+
+_PIPE_BUF = select.PIPE_BUF
+_READ = 32768
+
+
+class _State:
+    def __init__(self, child: Any, data: Optional[bytes]) -> None:
+        self.view = memoryview(data or b"").cast("B")
+        self.offset = 0
+        self.fds = [
+            None if s is None or s.closed else s.fileno() for s in (child.stdout, child.stderr)
+        ]
+        self.chunks: Dict[int, List[bytes]] = {fd: [] for fd in self.fds if fd is not None}
+        self.streams: Dict[int, Any] = {}  # fd -> file object still open
+        for stream in (child.stdout, child.stderr):
+            if stream is not None and not stream.closed:
+                self.streams[stream.fileno()] = stream
+        self.stdin = child.stdin if child.stdin is not None and not child.stdin.closed else None
+        if self.stdin is not None:
+            try:
+                self.stdin.flush()  # what the caller wrote before us goes first
+            except BrokenPipeError:
+                pass
+            if not self.view:
+                self._close_stdin()
+
+    def _close_stdin(self) -> None:
+        try:
+            self.stdin.close()  # the program sees the end of its input
+        except BrokenPipeError:
+            pass  # it exited without reading everything: not an error
+        self.stdin = None
+
+    def step(self, timeout: Optional[float]) -> bool:
+        """Wait up to ``timeout`` and move whatever is ready; False if nothing is left to move."""
+        poller = select.poll()
+        for fd in self.streams:
+            poller.register(fd, select.POLLIN)
+        if self.stdin is not None:
+            poller.register(self.stdin.fileno(), select.POLLOUT)
+        if not self.streams and self.stdin is None:
+            return False
+        ms = None if timeout is None else int(timeout * 1000) + 1
+        for fd, _ in poller.poll(ms):
+            if self.stdin is not None and fd == self.stdin.fileno():
+                self._write()
+            elif fd in self.streams:
+                data = os.read(fd, _READ)
+                if data:
+                    self.chunks[fd].append(data)
+                else:
+                    self.streams.pop(fd).close()
+        return True
+
+    def _write(self) -> None:
+        piece = self.view[self.offset : self.offset + _PIPE_BUF]
+        try:
+            self.offset += os.write(self.stdin.fileno(), piece)
+        except BrokenPipeError:
+            self.offset = len(self.view)  # the program stopped reading: fine
+        if self.offset >= len(self.view):
+            self._close_stdin()
+
+
+def communicate(
+    child: Any, data: Optional[bytes], timeout: Optional[float]
+) -> Tuple[Optional[bytes], Optional[bytes]]:
+    """See ``Child.communicate``."""
+    if child._comm is None:
+        if data is not None and child.stdin is None:
+            raise ValueError(
+                f"communicate() on {child!r}: input given but stdin is not a pipe; "
+                "spawn with stdin=PIPE"
+            )
+        state = child._comm = _State(child, data)
+    else:
+        if data:
+            raise ValueError(
+                f"communicate() on {child!r}: input can only be given on the first call"
+            )
+        state = child._comm
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not state.step(left):
+            break
+        if deadline is not None and time.monotonic() >= deadline and (state.streams or state.stdin):
+            raise child._timeout(timeout)
+    child.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+    out = [None if fd is None else b"".join(state.chunks[fd]) for fd in state.fds]
+    return out[0], out[1]
+
+
+def run_program(
+    argv: Argv,
+    *,
+    input: Optional[bytes] = None,
+    capture_output: bool = False,
+    check: bool = False,
+    timeout: Optional[float] = None,
+    **spawn_kwargs: Any,
+) -> "CompletedProcess[bytes]":
+    """Run a program to its end, as ``subprocess.run``; returns a ``CompletedProcess``.
+
+    ``input`` (bytes) is its stdin; ``capture_output=True`` pipes stdout and
+    stderr (or pass ``stdout=PIPE`` etc.).  After ``timeout`` seconds the
+    program is killed and ``subprocess.TimeoutExpired`` raised (with what it
+    had written); ``check=True`` raises ``forkserver.CalledProcessError`` for
+    a non-zero exit.  Other keywords go to ``spawn``.  (Not named ``run``:
+    ``Template.run`` runs a Python function.)
+    """
+    if input is not None:
+        if spawn_kwargs.get("stdin") is not None:
+            raise ValueError("run_program(): stdin and input exclude each other; pass one")
+        spawn_kwargs["stdin"] = PIPE
+    if capture_output:
+        if spawn_kwargs.get("stdout") is not None or spawn_kwargs.get("stderr") is not None:
+            raise ValueError(
+                "run_program(): capture_output excludes stdout and stderr; pass one or the other"
+            )
+        spawn_kwargs["stdout"] = spawn_kwargs["stderr"] = PIPE
+    child = spawn(argv, **spawn_kwargs)
+    try:
+        try:
+            out, err = child.communicate(input, timeout)
+        except subprocess.TimeoutExpired as exc:
+            child.kill()
+            exc.output, exc.stderr = child.communicate()
+            raise
+        except BaseException:
+            child.kill()
+            child.wait()
+            raise
+    finally:
+        child.close()
+    code = child.returncode
+    assert code is not None
+    if check and code:
+        raise CalledProcessError(code, child.args, out, err)
+    return CompletedProcess(child.args, code, out, err)

@@ -1,0 +1,405 @@
+"""``spawn``: external programs started by a template (parent side).
+
+The caller prepares everything here -- argv and environment as bytes, the
+PATH candidates, the fd map -- so the template only calls the C spawn
+(``forkserver/_server/_exec.py``) and answers on a reply pipe sent with the
+command.  The program is the caller's direct child: ``Child`` reaps it
+through its pidfd.  Stdio follows ``subprocess``: ``PIPE``, ``DEVNULL``,
+``STDOUT`` (stderr only), an int fd or a file object; ``None`` inherits the
+caller's *current* fd 0, 1 or 2.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from subprocess import DEVNULL, PIPE, STDOUT
+from typing import IO, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from . import _protocol as P
+from ._errors import BrokenChannelError, BrokenTemplateError, ForkserverError, ProtocolError
+from ._fds import HEADER, STAGE_CWD, STAGE_EXEC, STAGE_FDS, STAGE_SESSION
+from ._process import Child
+from ._wait import open_pidfd, wait_channel
+
+__all__ = ["CalledProcessError", "spawn"]
+
+Argv = Sequence[Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]]
+StdHandle = Union[None, int, IO[Any]]
+
+# Signals the program gets at their default even though the template ignores
+# them: Python ignores SIGPIPE and SIGXFSZ (so a program in a pipeline would
+# not die of a closed reader), templates ignore SIGINT (Ctrl-C) -- unless the
+# caller ignores it too, see _dfl_sigs() -- and glibc's posix_spawn, which
+# started the template, leaves its internal signals 32 and 33 ignored.
+_DFL_ALWAYS = sum(1 << (s - 1) for s in (signal.SIGPIPE, signal.SIGXFSZ, 32, 33))
+_DFL_SIGINT = 1 << (signal.SIGINT - 1)
+
+
+def _dfl_sigs() -> int:
+    """Signals to reset to SIG_DFL in the program (a bit mask); SIGINT as the caller has it."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        return _DFL_ALWAYS  # as subprocess: an ignored SIGINT stays ignored in children
+    return _DFL_ALWAYS | _DFL_SIGINT
+
+
+_STAGES = {
+    STAGE_SESSION: "starting its session or process group",
+    STAGE_FDS: "placing its file descriptors",
+    STAGE_CWD: "changing to its working directory",
+}
+
+
+class CalledProcessError(subprocess.CalledProcessError, ForkserverError):
+    """A program exited with a non-zero status; ``except`` it as either base class.
+
+    ``returncode`` (negative: killed by that signal), ``cmd``, and the
+    captured ``output``/``stderr`` when there were any.
+    """
+
+
+class _Plan:
+    """A spawn ready to send: payload, fds, and what the parent keeps or closes."""
+
+    def __init__(self, args: Any, cwd: Any) -> None:
+        self.args = args
+        self.cwd = cwd  # as given, for the error of a bad one
+        self.payload = b""
+        self.send: List[int] = []  # the program's fds, in the order of the payload's indexes
+        self.close_after_send: List[int] = []
+        self.ours: List[Optional[int]] = [
+            None,
+            None,
+            None,
+        ]  # parent ends of stdin/stdout/stderr pipes
+
+    def discard(self) -> None:
+        """Close every fd the plan opened (after a failure)."""
+        for fd in self.close_after_send + [fd for fd in self.ours if fd is not None]:
+            os.close(fd)
+        self.close_after_send = []
+        self.ours = [None, None, None]
+
+
+def _encode_argv(argv: Argv) -> Tuple[List[Any], List[bytes]]:
+    """(the argv as a list, the argv as bytes)."""
+    if isinstance(argv, (str, bytes, os.PathLike)):
+        raise TypeError(
+            f"spawn({argv!r}): pass the program and its arguments as a list, e.g. "
+            f"{str(argv).split()!r}; forkserver runs no shell (use ['sh', '-c', ...] for one)"
+        )
+    args = list(argv)
+    out = [os.fsencode(arg) for arg in args]
+    if not out:
+        raise ValueError("spawn([]): the argument list is empty; its first item names the program")
+    for arg in out:
+        if b"\0" in arg:
+            raise ValueError(
+                f"spawn(): argument {arg!r} contains a null byte, which exec cannot pass"
+            )
+    return args, out
+
+
+def _encode_env(env: Mapping[Any, Any]) -> List[bytes]:
+    if env is os.environ:
+        # Already encoded and checked by putenv when set: no 100 us of re-encoding.
+        return [k + b"=" + v for k, v in os.environ._data.items()]  # type: ignore[attr-defined]
+    out = []
+    for key, value in env.items():
+        k, v = os.fsencode(key), os.fsencode(value)
+        if not k or b"=" in k or b"\0" in k:
+            raise ValueError(f"spawn(): illegal environment variable name {key!r}")
+        if b"\0" in v:
+            raise ValueError(
+                f"spawn(): the value of environment variable {key!r} contains a null byte"
+            )
+        out.append(k + b"=" + v)
+    return out
+
+
+def _candidates(program: bytes, env: Mapping[Any, Any]) -> List[bytes]:
+    """The paths to try, as ``execvpe`` would, with the *program's* PATH."""
+    if b"/" in program:
+        return [program]
+    if env is os.environ:  # get_exec_path's warnings dance costs more than this
+        dirs = os.environ._data.get(b"PATH", os.defpath.encode()).split(b":")  # type: ignore[attr-defined]
+    else:
+        dirs = [os.fsencode(d) for d in os.get_exec_path(env)]
+    return [d + b"/" + program if d else program for d in dirs]
+
+
+def _caller_cwd() -> bytes:
+    try:
+        return os.fsencode(os.getcwd())
+    except FileNotFoundError:  # our directory was removed: the link still leads to it
+        return f"/proc/{os.getpid()}/cwd".encode()
+
+
+def _fd_of(handle: Any, name: str) -> int:
+    if isinstance(handle, bool) or not isinstance(handle, int):
+        try:
+            handle = handle.fileno()
+        except (AttributeError, ValueError, OSError) as exc:
+            raise TypeError(
+                f"spawn(): {name}={handle!r} is not an fd, a file object with fileno() or one of "
+                f"PIPE, DEVNULL{', STDOUT' if name == 'stderr' else ''} ({exc})"
+            ) from None
+    if handle < 0:
+        raise ValueError(f"spawn(): {name}={handle!r} is not a valid fd or subprocess constant")
+    os.fstat(handle)  # EBADF here, with its number, rather than in the template
+    return handle
+
+
+def prepare(
+    argv: Argv,
+    stdin: StdHandle = None,
+    stdout: StdHandle = None,
+    stderr: StdHandle = None,
+    env: Optional[Mapping[Any, Any]] = None,
+    cwd: Union[None, str, bytes, "os.PathLike[Any]"] = None,
+    pass_fds: Sequence[int] = (),
+    start_new_session: bool = False,
+    process_group: Optional[int] = None,
+) -> _Plan:
+    """Check and encode a spawn request; open its pipes (closed again on error)."""
+    args, bargv = _encode_argv(argv)
+    env = os.environ if env is None else env
+    envp = _encode_env(env)
+    paths = _candidates(bargv[0], env)
+    if cwd is None:
+        bcwd = _caller_cwd()
+    else:
+        bcwd = os.fsencode(cwd)
+        if not bcwd.startswith(b"/"):  # relative to the caller's directory, not the template's
+            bcwd = os.path.join(_caller_cwd(), bcwd)
+    if start_new_session and process_group is not None:
+        raise ValueError(
+            "spawn(): start_new_session and process_group exclude each other; pass one"
+        )
+    pgid = -1 if process_group is None else int(process_group)
+    if pgid < -1:
+        raise ValueError(f"spawn(): process_group={process_group!r} must be >= 0")
+    keep = sorted({int(fd) for fd in pass_fds})
+    if keep and keep[0] < 3:
+        raise ValueError(
+            f"spawn(): pass_fds={tuple(pass_fds)!r} includes 0-2; use stdin/stdout/stderr for those"
+        )
+
+    plan = _Plan(args, cwd)
+    index: Dict[int, int] = {}  # fd to send -> its index in plan.send
+
+    def slot(fd: int) -> int:
+        if fd not in index:
+            index[fd] = len(plan.send)
+            plan.send.append(fd)
+        return index[fd]
+
+    fd_map: List[Tuple[int, int]] = []
+    devnull = -1
+    try:
+        for target, (name, handle) in enumerate(
+            (("stdin", stdin), ("stdout", stdout), ("stderr", stderr))
+        ):
+            if handle is None:
+                try:
+                    os.fstat(target)
+                except OSError:  # the caller's own fd is closed: so is the program's
+                    fd_map.append((-1, target))
+                    continue
+                fd_map.append((slot(target), target))
+            elif handle == PIPE:
+                r, w = os.pipe2(os.O_CLOEXEC)
+                theirs, plan.ours[target] = (r, w) if target == 0 else (w, r)
+                plan.close_after_send.append(theirs)
+                fd_map.append((slot(theirs), target))
+            elif handle == DEVNULL:
+                if devnull < 0:
+                    devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+                    plan.close_after_send.append(devnull)
+                fd_map.append((slot(devnull), target))
+            elif handle == STDOUT and target == 2:
+                fd_map.append((fd_map[1][0], 2))
+            else:
+                fd_map.append((slot(_fd_of(handle, name)), target))
+        for fd in keep:
+            os.fstat(fd)
+            fd_map.append((slot(fd), fd))
+        strings = b"\0".join(paths + bargv + envp) + b"\0"
+        counts = (len(paths), len(bargv), len(envp))
+        spec = (strings, counts, bcwd, fd_map, keep, bool(start_new_session), pgid, _dfl_sigs())
+        plan.payload = P.dumps(spec)
+    except BaseException:
+        plan.discard()
+        raise
+    return plan
+
+
+# -- talking to the template ------------------------------------------------------
+
+
+def send(tpl: Any, plan: _Plan) -> int:
+    """Send the SPAWN command to ``tpl``; returns the read end of the reply pipe."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        with tpl._lock:
+            tpl._send(P.SPAWN, plan.payload, [w, *plan.send])
+            chan = tpl._chan
+            while chan.pending_output:  # the template must get all of it before we wait
+                wait_channel(chan, None)
+                try:
+                    chan.flush()
+                except BrokenChannelError as exc:
+                    raise tpl._broken(exc, "spawn") from exc
+    except BaseException:
+        os.close(r)
+        raise
+    finally:
+        os.close(w)
+    return r
+
+
+def read_reply(tpl: Any, r: int, close: bool = True) -> Tuple[int, bytes]:
+    """Read the reply frame from the pipe (blocking); closes ``r`` unless told not to."""
+    try:
+        data = b""
+        need = HEADER.size
+        while len(data) < need:
+            chunk = os.read(r, need - len(data))
+            if not chunk:
+                break
+            data += chunk
+            if len(data) == HEADER.size:
+                need += HEADER.unpack_from(data)[0]
+    finally:
+        if close:
+            os.close(r)
+    if len(data) < need:
+        _template_died(tpl)
+    length, _, kind = HEADER.unpack_from(data)
+    return kind, data[HEADER.size : HEADER.size + length]
+
+
+def _template_died(tpl: Any) -> None:
+    from ._template import _default
+
+    with tpl._lock:
+        if tpl._status not in ("broken", "closed"):
+            err = tpl._broken(BrokenChannelError("no reply to spawn"), "spawn")
+        else:
+            err = BrokenTemplateError(f"spawn on {tpl!r}: the template process died; try again")
+    _default.discard(tpl)
+    raise err
+
+
+def finish(plan: _Plan, kind: int, payload: bytes) -> Child:
+    """Turn the reply into a ``Child`` (or raise the program's exec error)."""
+    if kind == P.ERROR:
+        raise P.decode_error(payload)
+    if kind != P.SPAWNED:
+        raise ProtocolError(f"spawn: expected a spawned reply, got {P.NAMES.get(kind, kind)}")
+    pid, err, stage = P.SPAWNED_FORMAT.unpack(payload)
+    if err:
+        os.waitpid(pid, 0)  # it exited 127 right after failing; it is our child
+        raise _exec_error(plan, err, stage)
+    pidfd = open_pidfd(pid)
+    files = [
+        None if fd is None else open(fd, "wb" if i == 0 else "rb") for i, fd in enumerate(plan.ours)
+    ]
+    plan.ours = [None, None, None]  # owned by the file objects now
+    return Child(
+        pid, None, pidfd=pidfd, args=plan.args, stdin=files[0], stdout=files[1], stderr=files[2]
+    )
+
+
+def _exec_error(plan: _Plan, err: int, stage: int) -> OSError:
+    """The OSError ``subprocess`` would raise: the real errno and the right filename."""
+    if stage == STAGE_EXEC:
+        return OSError(err, os.strerror(err), os.fspath(plan.args[0]))
+    if stage == STAGE_CWD:
+        return OSError(
+            err, os.strerror(err), os.fspath(plan.cwd) if plan.cwd is not None else os.getcwd()
+        )
+    return OSError(err, f"{os.strerror(err)} (while {_STAGES.get(stage, 'starting the program')})")
+
+
+def spawn_from(tpl: Any, plan: _Plan, retry_default: bool = False) -> Child:
+    """Send the plan to ``tpl``, wait for the program to start; closes the plan's fds.
+
+    ``retry_default``: ``tpl`` is the default template; if it turns out dead
+    before anything reached it, start a new one and send once more.
+    """
+    from ._template import default_template
+
+    try:
+        try:
+            r = send(tpl, plan)
+        except BrokenTemplateError:
+            if not retry_default:
+                raise
+            tpl = default_template()
+            r = send(tpl, plan)
+        for fd in plan.close_after_send:  # the template has its own copies now
+            os.close(fd)
+        plan.close_after_send = []
+        kind, payload = _reply_or_cleanup(tpl, r)
+        return finish(plan, kind, payload)
+    finally:
+        plan.discard()
+
+
+def _reply_or_cleanup(tpl: Any, r: int) -> Tuple[int, bytes]:
+    """``read_reply``; if interrupted (Ctrl-C), still read it and end the program it names."""
+    try:
+        return read_reply(tpl, r, close=False)
+    except (KeyboardInterrupt, SystemExit):
+        abandon(tpl, r)
+        raise
+    finally:
+        os.close(r)
+
+
+def abandon(tpl: Any, r: int) -> None:
+    """The caller gave up waiting (Ctrl-C, cancelled): read the reply anyway and
+    kill and reap the program it names, so no process or zombie is left over."""
+    try:
+        kind, payload = read_reply(tpl, r, close=False)
+        if kind == P.SPAWNED:
+            pid, err, _ = P.SPAWNED_FORMAT.unpack(payload)
+            if not err:
+                os.kill(pid, signal.SIGKILL)  # still our unreaped child: the pid cannot be reused
+            os.waitpid(pid, 0)
+    except BaseException:
+        pass
+
+
+def spawn(
+    argv: Argv,
+    *,
+    stdin: StdHandle = None,
+    stdout: StdHandle = None,
+    stderr: StdHandle = None,
+    env: Optional[Mapping[Any, Any]] = None,
+    cwd: Union[None, str, bytes, "os.PathLike[Any]"] = None,
+    pass_fds: Sequence[int] = (),
+    start_new_session: bool = False,
+    process_group: Optional[int] = None,
+) -> Child:
+    """Start the program ``argv`` (a list; no shell) from the default template.
+
+    Returns a ``Child``, your direct child process, with ``stdin``/``stdout``
+    /``stderr`` binary file objects for the streams given as
+    ``subprocess.PIPE``; ``DEVNULL``, ``STDOUT`` (stderr only), int fds and
+    file objects work as in ``subprocess``, ``None`` inherits your current fd.
+    ``env`` defaults to your *current* ``os.environ``, ``cwd`` to your current
+    directory; the program gets fds 0-2 and ``pass_fds`` (same numbers) and
+    nothing else.  A program that cannot be executed raises the real
+    ``OSError`` here (``FileNotFoundError`` with ``filename``, ...).
+    ``Template.spawn`` does the same from a given template.
+    """
+    from ._template import default_template
+
+    plan = prepare(
+        argv, stdin, stdout, stderr, env, cwd, pass_fds, start_new_session, process_group
+    )
+    return spawn_from(default_template(), plan, retry_default=True)
