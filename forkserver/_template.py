@@ -32,6 +32,7 @@ Target = Union[str, Callable[..., Any]]
 _CLOSE_GRACE = 5.0  # seconds a closed template gets to exit before SIGKILL
 _WAIT = object()  # _step: nothing complete yet, wait for the socket
 _HELLO_READ = object()  # _step: the greeting was read
+_KEEPS_STATE = (P.FORK, P.SPAWN)  # commands that leave the template as it was
 
 
 class Template:
@@ -210,10 +211,11 @@ class Template:
                     self._prelude.append((kind, payload, _dup_all(fds)))
                     return
                 self._materialize()
-            if self._pending and kind != P.FORK:  # a FORK changes nothing they could see
-                self._start_pending_forks()
-            if self._spare is not None and kind != P.FORK:
-                self._drop_spare()  # it is a copy of the state this command changes
+            if kind not in _KEEPS_STATE:
+                if self._pending:
+                    self._start_pending_forks()  # they are snapshots of the state before it
+                if self._spare is not None:
+                    self._drop_spare()  # it is a copy of the state this command changes
             try:
                 self._chan.send(kind, payload, fds)
             except BrokenChannelError as exc:

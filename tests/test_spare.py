@@ -116,3 +116,14 @@ def test_a_template_that_cannot_fork_raises_on_every_fork_and_leaves_nothing_beh
             with pytest.raises(ThreadedTemplateError, match="import-time-poller"):
                 tpl.fork().run(f"{W}:return_quietly")
         assert our_children() == before
+
+
+def test_spawning_a_program_from_a_template_keeps_its_spare():
+    with Template().require(W) as tpl:
+        assert talk(tpl.fork().send_arg(0).run(f"{W}:echo_args")) == ((0,), 0)
+        spare_pid = tpl._spare.pid
+        assert tpl.spawn(["true"]).wait(20) == 0
+        assert tpl._spare is not None and tpl._spare.pid == spare_pid
+        child = tpl.fork().send_arg(1).run(f"{W}:echo_args")
+        assert child.pid == spare_pid
+        assert talk(child) == ((1,), 0)
