@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     from ._process import Child
     from ._spawn import CalledProcessError, spawn
     from ._stream import Stream, stream
-    from ._template import Template, early
+    from ._default import early
+    from ._template import Template
 
 __version__ = "0.1.0.dev0"
 
@@ -38,7 +39,7 @@ _LAZY = {
     "Child": "._process",
     "Stream": "._stream",
     "Template": "._template",
-    "early": "._template",
+    "early": "._default",
     "run_program": "._communicate",
     "spawn": "._spawn",
     "stream": "._stream",

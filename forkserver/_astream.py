@@ -23,7 +23,7 @@ __all__ = ["AsyncStream", "spawn", "stream"]
 
 async def spawn(argv: Any, **kwargs: Any) -> AsyncChild:
     """``forkserver.spawn`` without blocking the loop on the template's reply."""
-    from ._template import default_template
+    from ._default import default_template
 
     plan = _spawn.prepare(argv, **kwargs)
     try:

@@ -65,11 +65,11 @@ class Bench:
 
     def __init__(self, settings: Settings, progress: B.Progress,
                  stack: contextlib.ExitStack) -> None:
-        from . import Template, _template
+        from . import Template, _default
 
         self.s, self.progress = settings, progress
         importlib.import_module(settings.preload)  # fails here, loudly, if it is missing
-        if _template._default.template is None:  # ours: stop it when done
+        if _default._default.template is None:  # ours: stop it when done
             stack.callback(stop_default_template)
         self.tpl = Template().require(settings.preload, "forkserver._bench_workers")
         stack.callback(self.tpl.close)

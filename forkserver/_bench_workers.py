@@ -116,11 +116,9 @@ def stop_default_template() -> None:
     It would exit by itself once this process exits, but as an orphan; there is
     no public API for this yet, so this is best effort on a private one.
     """
-    forkserver = sys.modules.get("forkserver")
-    try:
-        forkserver._template._default.shutdown()  # type: ignore[union-attr]
-    except Exception:
-        pass  # never started, or the private API changed
+    default = sys.modules.get("forkserver._default")
+    if default is not None:  # else it was never started
+        default._default.shutdown()  # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":  # python .../forkserver/_bench_workers.py KIND PRELOAD

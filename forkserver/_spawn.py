@@ -281,7 +281,7 @@ def read_reply(tpl: Any, r: int, close: bool = True) -> Tuple[int, bytes]:
 
 
 def _template_died(tpl: Any) -> None:
-    from ._template import _default
+    from ._default import _default
 
     with tpl._lock:
         if tpl._status not in ("broken", "closed"):
@@ -329,7 +329,7 @@ def spawn_from(tpl: Any, plan: _Plan, retry_default: bool = False) -> Child:
     ``retry_default``: ``tpl`` is the default template; if it turns out dead
     before anything reached it, start a new one and send once more.
     """
-    from ._template import default_template
+    from ._default import default_template
 
     try:
         try:
@@ -397,7 +397,7 @@ def spawn(
     ``OSError`` here (``FileNotFoundError`` with ``filename``, ...).
     ``Template.spawn`` does the same from a given template.
     """
-    from ._template import default_template
+    from ._default import default_template
 
     plan = prepare(
         argv, stdin, stdout, stderr, env, cwd, pass_fds, start_new_session, process_group

@@ -39,10 +39,10 @@ def _standing_templates() -> List[Any]:
     fixture's template, say); spares end with their template, which the spare
     tests check.
     """
-    from forkserver import _template
+    from forkserver import _default, _template
 
     standing = []
-    default = _template._default.template
+    default = _default._default.template
     if default is not None:
         standing.append(default)
     for tpl in list(_template._live):

@@ -457,7 +457,7 @@ def test_500_short_programs_from_8_threads_leave_no_fd_or_zombie():
 
 
 def test_a_dead_default_template_is_restarted_by_the_next_spawn():
-    from forkserver._template import _default
+    from forkserver._default import _default
 
     assert forkserver.spawn(["true"]).wait(20) == 0
     old = _default.template
