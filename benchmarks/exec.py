@@ -15,6 +15,8 @@ Part 2, stream throughput: ``--stream-mib`` MiB (default 1024) read from
 ``cat`` of a sparse file (zeros from the page cache, no disk), alternating:
 
   forkserver.stream  for chunk in forkserver.stream(["cat", path]): ...
+  stream(timeout=60) the same with a timeout: each wait is a poll (no
+                     blocking read), the cost of the timeout
   Popen + os.read    os.read(proc.stdout.fileno(), 65536) until EOF
   Popen + read()     proc.stdout.read(65536) until EOF (the buffered idiom)
 
@@ -98,11 +100,14 @@ def exec_round_robin(n: int, warmup: int) -> Dict[str, List[float]]:
     return samples
 
 
-def read_forkserver(path: str) -> int:
-    total = 0
-    for chunk in forkserver.stream(["cat", path], timeout=60):
-        total += len(chunk)
-    return total
+def _forkserver_reader(**kwargs) -> Callable[[str], int]:
+    def run(path: str) -> int:
+        total = 0
+        for chunk in forkserver.stream(["cat", path], **kwargs):
+            total += len(chunk)
+        return total
+
+    return run
 
 
 def _popen_reader(read: Callable[[subprocess.Popen], bytes]) -> Callable[[str], int]:
@@ -122,7 +127,8 @@ def _popen_reader(read: Callable[[subprocess.Popen], bytes]) -> Callable[[str], 
 
 
 STREAM = {
-    "forkserver.stream": read_forkserver,
+    "forkserver.stream": _forkserver_reader(),
+    "stream(timeout=60)": _forkserver_reader(timeout=60),
     "Popen + os.read": _popen_reader(lambda p: os.read(p.stdout.fileno(), 65536)),
     "Popen + read()": _popen_reader(lambda p: p.stdout.read(65536)),
 }

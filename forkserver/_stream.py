@@ -229,6 +229,8 @@ class Stream:
         self.stderr: Optional[bytes] = None
         self._piped_err = stderr == "pipe"
         self._closed = False
+        self._poller: Any = None
+        self._polled: List[Tuple[int, bool]] = []
         self.child = spawn(argv, **kwargs, **spawn_kwargs)
         self._pump = _Pump(self.child, pending, source, chunk_size, blocking_out=timeout is None)
 
@@ -250,15 +252,18 @@ class Stream:
         pump = self._pump
         try:
             while True:
-                data = pump.read_out()
+                if not pump.blocking:
+                    # Poll first: after the last chunk the pipe is usually empty, and
+                    # a read that fails with EAGAIN costs more than the poll it saves.
+                    self._wait(pump.interest(with_out=True))
+                    pump.write_in()
+                    pump.drain_err()
+                data = pump.read_out()  # blocking: waits for the chunk itself
                 if data:
                     return data
                 if data is not None:  # end of stdout
                     self._finish()
                     raise StopIteration
-                self._wait(pump.interest(with_out=True))
-                pump.write_in()
-                pump.drain_err()
         except (StopIteration, CalledProcessError):
             raise
         except BaseException as exc:
@@ -268,11 +273,14 @@ class Stream:
 
     def _wait(self, fds: List[Tuple[int, bool]], pidfd: Optional[int] = None) -> None:
         """Wait until one of ``fds`` (or the exit) is ready; TimeoutExpired after ``timeout``."""
-        poller = select.poll()
-        for fd, write in fds:
-            poller.register(fd, select.POLLOUT if write else select.POLLIN)
         if pidfd is not None:
-            poller.register(pidfd, select.POLLIN)
+            fds = fds + [(pidfd, False)]
+        if fds != self._polled:  # the poll object is reused while the fds stay the same
+            self._poller = select.poll()
+            for fd, write in fds:
+                self._poller.register(fd, select.POLLOUT if write else select.POLLIN)
+            self._polled = fds
+        poller = self._poller
         timeout = self.timeout
         if not poller.poll(None if timeout is None else int(timeout * 1000) + 1):
             raise subprocess.TimeoutExpired(self.args, timeout)  # type: ignore[arg-type]
