@@ -21,7 +21,7 @@ from . import _protocol as P
 from ._errors import BrokenChannelError, BrokenTemplateError, ForkserverError, ProtocolError
 from ._fds import HEADER, STAGE_CWD, STAGE_EXEC, STAGE_FDS, STAGE_SESSION
 from ._process import Child
-from ._wait import open_pidfd, wait_channel
+from ._wait import open_pidfd
 
 __all__ = ["CalledProcessError", "spawn"]
 
@@ -244,13 +244,7 @@ def send(tpl: Any, plan: _Plan) -> int:
     try:
         with tpl._lock:
             tpl._send(P.SPAWN, plan.payload, [w, *plan.send])
-            chan = tpl._chan
-            while chan.pending_output:  # the template must get all of it before we wait
-                wait_channel(chan, None)
-                try:
-                    chan.flush()
-                except BrokenChannelError as exc:
-                    raise tpl._broken(exc, "spawn") from exc
+            tpl._drain("spawn")  # the template must get all of it before we wait on the pipe
     except BaseException:
         os.close(r)
         raise

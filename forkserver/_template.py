@@ -22,7 +22,7 @@ from . import _protocol as P
 from ._errors import BrokenChannelError, BrokenTemplateError, ClosedError, ForkserverError, ProtocolError
 from ._fds import FdChannel, Frame, socketpair
 from ._process import Child
-from ._wait import open_pidfd, reap, wait_channel
+from ._wait import drain, open_pidfd, reap, wait_channel
 
 Handle = Union[int, socket.socket, Any]
 Target = Union[str, Callable[..., Any]]
@@ -477,12 +477,23 @@ class Template:
         ours.setblocking(False)
         try:
             self._send(P.FORK, payload, [theirs, *extra_fds])
+            # The clone greets us on its own socket: whoever waits there
+            # never flushes ours, so the FORK (and anything queued before it,
+            # say a big send_arg) must be in the template's socket now.
+            self._drain("fork")
         except BaseException:
             ours.close()
             raise
         finally:
             theirs.close()
         return FdChannel(ours)
+
+    def _drain(self, what: str) -> None:
+        """Block until every queued command is in the template's socket; lock held."""
+        try:
+            drain(self._chan)
+        except BrokenChannelError as exc:
+            raise self._broken(exc, what) from exc
 
     def run(
         self,

@@ -51,6 +51,19 @@ def wait_readable(fd: int, timeout: Optional[float]) -> bool:
     return bool(poller.poll(ms))
 
 
+def drain(chan: FdChannel) -> None:
+    """Block until everything queued on ``chan`` is in its socket (BrokenChannelError if gone).
+
+    Waits for POLLOUT only: a reply waiting to be read must not turn this
+    into a busy loop.
+    """
+    poller = select.poll()
+    poller.register(chan.fileno(), select.POLLOUT)
+    while chan.pending_output:
+        poller.poll()
+        chan.flush()
+
+
 def wait_channel(chan: FdChannel, deadline: Optional[float]) -> None:
     """Block until ``chan`` may make progress: readable, writable if it has output, or unstalled."""
     timeout = remaining(deadline)

@@ -183,3 +183,8 @@ def wait_on_pipe(control, fd):
 def mark(control, *args):
     """Send back ``MARK``, a global an ``eval`` in the template may have set here."""
     send_obj(control, globals().get("MARK"))
+
+
+def arg_sizes(control, *args):
+    """Send back the length of each sent item."""
+    send_obj(control, [len(a) for a in args])

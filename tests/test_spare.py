@@ -128,3 +128,13 @@ def test_spawning_a_program_from_a_template_keeps_its_spare():
         child = tpl.fork().send_arg(1).run(f"{W}:echo_args")
         assert child.pid == spare_pid
         assert talk(child) == ((1,), 0)
+
+
+@pytest.mark.parametrize("spare", [True, False])
+def test_a_big_send_arg_still_queued_reaches_the_template_before_the_next_fork(spare):
+    # 64 MiB does not fit in the socket buffer: it is queued here, and the
+    # fork's clone greets us on another socket, so nothing else would flush it.
+    with Template(spare=spare).require(W) as tpl:
+        tpl.send_arg(b"x" * (64 << 20))
+        assert talk(tpl.fork().send_arg(b"y").run(f"{W}:arg_sizes")) == ([64 << 20, 1], 0)
+        assert talk(tpl.fork().run(f"{W}:arg_sizes")) == ([64 << 20], 0)
