@@ -138,3 +138,28 @@ def test_a_big_send_arg_still_queued_reaches_the_template_before_the_next_fork(s
         tpl.send_arg(b"x" * (64 << 20))
         assert talk(tpl.fork().send_arg(b"y").run(f"{W}:arg_sizes")) == ([64 << 20, 1], 0)
         assert talk(tpl.fork().run(f"{W}:arg_sizes")) == ([64 << 20], 0)
+
+
+def test_8_threads_forking_one_template_at_once_each_get_their_own_clone():
+    import threading
+
+    results, errors = {}, []
+    with Template().require(W).send_arg("base") as tpl:
+
+        def work(n):
+            try:
+                for k in range(25):
+                    got, code = talk(tpl.fork().send_arg(n, k).run(f"{W}:echo_args"))
+                    assert code == 0
+                    results[(n, k)] = got
+            except BaseException as exc:  # collected and asserted below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads), "deadlock: a thread never finished"
+    assert not errors, errors[0]
+    assert results == {(n, k): ("base", n, k) for n in range(8) for k in range(25)}
