@@ -122,11 +122,15 @@ async def run(
 ) -> "AsyncChild":
     """``tpl.run(target)`` without blocking the loop; returns an ``AsyncChild``."""
     async with _lock_for(tpl):
-        with tpl._lock:
-            name = tpl._start_run(target, die_with_parent)
-        frame = await _next_frame(tpl, "run")
-        with tpl._lock:
-            return AsyncChild(tpl._finish_run(frame, name, check, timeout))
+        try:
+            with tpl._lock:
+                name = tpl._start_run(target, die_with_parent)
+            frame = await _next_frame(tpl, "run")
+            with tpl._lock:
+                return AsyncChild(tpl._finish_run(frame, name, check, timeout))
+        finally:
+            with tpl._lock:
+                tpl._refill_base()
 
 
 async def wait(child: Child, timeout: Optional[float] = None) -> int:

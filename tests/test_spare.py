@@ -46,6 +46,26 @@ def test_after_its_first_fork_a_template_keeps_one_clone_that_the_next_fork_uses
         assert our_children() - before == {new_spare} != {spare_pid}, "a new one replaces it"
 
 
+def _ignores_sigint(pid):
+    with open(f"/proc/{pid}/status") as f:
+        mask = next(line for line in f if line.startswith("SigIgn:")).split()[1]
+    return bool(int(mask, 16) & (1 << (signal.SIGINT - 1)))
+
+
+def test_an_idle_spare_stays_a_template_and_its_worker_gets_ctrl_c_and_its_name():
+    with Template().require(W) as tpl:
+        first = tpl.fork().run(f"{W}:return_quietly")
+        assert first.wait(20) == 0
+        first.control.close()
+        spare = tpl._spare
+        spare.eval("pass")  # answered after the spare's idle-time rehearsal of a worker start
+        assert psutil.Process(spare.pid).name() == "fs:template"
+        assert _ignores_sigint(spare.pid), "a template must survive Ctrl-C in the terminal"
+        got, code = talk(tpl.fork().run(f"{W}:report"))
+        assert got["pid"] == spare.pid and code == 0
+        assert got["comm"] == "fs:report" and got["sigint"] is True
+
+
 def test_a_spare_is_never_used_after_the_template_changed():
     with Template().require(W).send_arg("old") as tpl:
         assert talk(tpl.fork().run(f"{W}:echo_args")) == (("old",), 0)

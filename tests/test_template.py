@@ -337,6 +337,17 @@ def test_a_killed_template_raises_broken_template_error_and_is_reaped():
     tpl.close()
 
 
+def test_a_fork_whose_template_died_meanwhile_raises_and_closes_cleanly():
+    tpl = Template(spare=False)
+    clone = tpl.fork()  # deferred: the FORK command goes with the run
+    os.kill(tpl.pid, signal.SIGKILL)
+    os.waitid(os.P_PID, tpl.pid, os.WEXITED | os.WNOWAIT)  # dead, not reaped
+    with pytest.raises(BrokenTemplateError):
+        clone.run(f"{W}:return_quietly")
+    clone.close()  # nothing was created: nothing to end, no error
+    tpl.close()
+
+
 def test_a_template_is_consumed_by_run():
     tpl = Template().require(W)
     child = tpl.run(f"{W}:return_quietly")
@@ -415,9 +426,12 @@ def test_32_threads_create_and_run_processes_at_once_without_crossed_replies():
 
 def test_new_exec_starts_a_fresh_interpreter_as_our_child(tmp_path):
     with Template.new_exec(cwd=tmp_path, sys_path=sys.path) as tpl:
+        # A reply first: posix_spawn returns as soon as exec has replaced the
+        # memory, before the kernel has set up the new argv (cmdline reads empty).
+        tpl.require(W)
         assert psutil.Process(tpl.pid).ppid() == os.getpid()
         assert psutil.Process(tpl.pid).cmdline()[0] == sys.executable
-        got, code = talk(tpl.require(W).fork().run(f"{W}:report"))
+        got, code = talk(tpl.fork().run(f"{W}:report"))
     assert got["cwd"] == str(tmp_path) and code == 0
 
 
