@@ -12,8 +12,11 @@ surfaces no later than the next call that waits.
 with the command, never on the template's socket: the default template is
 shared by every thread of the parent, so replies must not cross.
 
-``FORK`` carries the command socket of the new process as its only fd.  The
-template never replies to it on its own channel: the new process greets the
+``FORK`` carries the command socket of the new process as its first fd (the
+fds of a deferred fork's first ``send_fh`` follow).  Its payload, if any,
+holds those first items (``prelude``), a fused ``run`` target, or ``after``:
+a pid to wait for before cloning (a spare clone).  The template never
+replies to it on its own channel: the new process greets the
 parent with ``HELLO`` on the new socket, or the template writes the
 ``ERROR`` there instead.  After the ``RUNNING`` reply the socket belongs to
 the user: the parent reads that frame exactly and nothing after it.
@@ -31,7 +34,7 @@ from typing import Any, Callable, Dict, Tuple, Union
 
 from ._errors import RemoteError, RemoteTraceback
 
-VERSION = 2  # 2: SPAWN
+VERSION = 3  # 2: SPAWN; 3: FORK's "after"
 
 # parent -> template
 SETUP = 1  # pickled context dict; fds: stdin, stdout, stderr (those given)
@@ -39,7 +42,7 @@ REQUIRE = 2  # pickled tuple of module names                      -> RESULT | ER
 EVAL = 3  # pickled (source, args)                                -> RESULT | ERROR
 SEND_ARG = 4  # pickled list of objects
 SEND_FH = 5  # pickled list of handle descriptions; fds: the handles
-FORK = 6  # no payload; fds: the new process's command socket
+FORK = 6  # empty, or pickled {"prelude", "run", "after"}; fds: the new command socket, prelude fds
 RUN = 7  # pickled (module, qualname)                              -> RUNNING | ERROR
 SPAWN = 8  # pickled spawn spec; fds: reply pipe, then the program's fds -> SPAWNED | ERROR
 

@@ -51,6 +51,13 @@ def wait_readable(fd: int, timeout: Optional[float]) -> bool:
     return bool(poller.poll(ms))
 
 
+def readable_now(fd: int) -> bool:
+    """Whether ``fd`` has input (or hang-up) right now, without waiting."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 def drain(chan: FdChannel) -> None:
     """Block until everything queued on ``chan`` is in its socket (BrokenChannelError if gone).
 

@@ -122,15 +122,17 @@ async def run(
 ) -> "AsyncChild":
     """``tpl.run(target)`` without blocking the loop; returns an ``AsyncChild``."""
     async with _lock_for(tpl):
+        child = None
         try:
             with tpl._lock:
                 name = tpl._start_run(target, die_with_parent)
             frame = await _next_frame(tpl, "run")
             with tpl._lock:
-                return AsyncChild(tpl._finish_run(frame, name, check, timeout))
+                child = tpl._finish_run(frame, name, check, timeout)
+                return AsyncChild(child)
         finally:
             with tpl._lock:
-                tpl._refill_base()
+                tpl._refill_base(child)
 
 
 async def wait(child: Child, timeout: Optional[float] = None) -> int:

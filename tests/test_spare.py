@@ -21,6 +21,19 @@ def our_children():
     return {p.pid for p in psutil.Process().children()}
 
 
+def ours():
+    """Our children, minus the shared default template and its spare (never blocks on ours)."""
+    from forkserver import _default
+
+    kids = our_children()
+    default = _default._default.template
+    if default is not None:
+        kids.discard(default.pid)
+        if default._spare is not None:
+            kids.discard(default._spare.pid)  # a plain spare: it greets at once
+    return kids
+
+
 def talk(child):
     """The one object the worker sends, and its exit status."""
     child.control.setblocking(True)
@@ -64,6 +77,91 @@ def test_an_idle_spare_stays_a_template_and_its_worker_gets_ctrl_c_and_its_name(
         got, code = talk(tpl.fork().run(f"{W}:report"))
         assert got["pid"] == spare.pid and code == 0
         assert got["comm"] == "fs:report" and got["sigint"] is True
+
+
+def _ready_spare(tpl, read_greeting=True):
+    """Fork and reap one worker, then (by default) wait until its replacement greeted us."""
+    first = tpl.fork().run(f"{W}:return_quietly")
+    assert first.wait(20) == 0
+    first.control.close()
+    if read_greeting:
+        tpl._spare.pid  # reads its greeting: it is ready
+    return tpl._spare
+
+
+def test_the_first_fork_has_its_spare_made_while_the_worker_runs():
+    with Template().require(W) as tpl:
+        child = tpl.fork().run(f"{W}:wait_for_eof")
+        assert tpl._spare.pid in ours()  # it greeted us
+        assert child.poll() is None
+        child.control.close()
+        assert child.wait(20) == 0
+
+
+def test_after_using_a_ready_spare_the_next_is_made_once_the_worker_has_exited():
+    with Template().require(W) as tpl:
+        spare = _ready_spare(tpl)
+        child = tpl.fork().run(f"{W}:wait_for_eof")
+        assert child.pid == spare.pid
+        assert ours() == {tpl.pid, child.pid}, "no clone competes with the worker"
+        child.control.close()
+        assert child.wait(20) == 0
+        spare_pid = tpl._spare.pid  # made now: it greets us
+        assert ours() == {tpl.pid, spare_pid}
+        assert talk(tpl.fork().send_arg(1).run(f"{W}:echo_args")) == ((1,), 0)
+
+
+def test_a_fork_while_the_next_spare_waits_for_a_running_worker_gets_it_at_once():
+    with Template().require(W) as tpl:
+        _ready_spare(tpl)
+        first = tpl.fork().run(f"{W}:wait_for_eof")
+        assert talk(tpl.fork().send_arg(2).run(f"{W}:echo_args")) == ((2,), 0)
+        assert first.poll() is None
+        first.control.close()
+        assert first.wait(20) == 0
+
+
+def test_a_template_changed_while_its_next_spare_waits_makes_no_clone():
+    with Template().require(W) as tpl:
+        _ready_spare(tpl)
+        child = tpl.fork().run(f"{W}:wait_for_eof")
+        tpl.send_arg("new").require("json")  # drops the spare it had asked for
+        assert ours() == {tpl.pid, child.pid}
+        child.control.close()
+        assert child.wait(20) == 0
+        assert talk(tpl.fork().run(f"{W}:echo_args")) == (("new",), 0)
+
+
+def test_closing_a_template_whose_next_spare_waits_for_a_running_worker_ends_at_once():
+    tpl = Template().require(W)
+    _ready_spare(tpl)
+    child = tpl.fork().run(f"{W}:wait_for_eof")
+    tpl.close()  # must not wait for a greeting that would come only after the worker's exit
+    assert ours() == {child.pid}
+    child.control.close()
+    assert child.wait(20) == 0
+
+
+def test_when_forks_come_faster_than_spares_the_next_is_made_while_the_worker_runs(monkeypatch):
+    from forkserver import _template
+
+    monkeypatch.setattr(_template, "readable_now", lambda fd: False)  # the spare never greeted yet
+    with Template().require(W) as tpl:
+        spare = _ready_spare(tpl, read_greeting=False)
+        child = tpl.fork().run(f"{W}:wait_for_eof")
+        assert tpl._spare is not spare, "it was taken"
+        assert tpl._spare.pid in ours() and child.poll() is None
+        child.control.close()
+        assert child.wait(20) == 0
+
+
+def test_a_failed_run_on_a_spare_has_the_next_spare_made_at_once():
+    with Template().require(W) as tpl:
+        _ready_spare(tpl)
+        with pytest.raises(AttributeError, match="no_such"):
+            tpl.fork().run(f"{W}:no_such")
+        assert tpl._spare.pid in ours()
+        assert talk(tpl.fork().send_arg(2).run(f"{W}:echo_args")) == ((2,), 0)
 
 
 def test_a_spare_is_never_used_after_the_template_changed():

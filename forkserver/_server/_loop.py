@@ -20,6 +20,8 @@ import importlib
 import itertools
 import linecache
 import os
+import re
+import select
 import signal
 import socket
 import sys
@@ -146,7 +148,9 @@ def _do_fork(state: _State, frame: Frame) -> Optional[Work]:
     The payload (from a deferred ``fork()``) may carry the new template's
     first ``send_arg``/``send_fh`` items and a fused ``run`` target.  Both are
     decoded and resolved here, *before* the clone, so the clone does almost
-    nothing before it calls the target: it returns the work to do.
+    nothing before it calls the target: it returns the work to do.  A spare
+    asked for ``after`` a worker is made once that worker is gone (see
+    ``_wait_for_reap``).
     """
     # Family and type given: no getsockname/getsockopt probes on the hot path.
     new_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=frame.fds[0])
@@ -159,16 +163,20 @@ def _do_fork(state: _State, frame: Frame) -> Optional[Work]:
     try:
         if state.broken is not None:
             raise _Refused(state.broken)
-        if frame.payload:
-            spec = P.loads(frame.payload)
-            extra, handles = _decode_prelude(spec["prelude"], frame.fds[1:])
-            if spec["run"] is not None:
-                module_name, qualname, opts = spec["run"]
-                func = _resolve_target(state, module_name, qualname)
-                # The clone inherits our name: no /proc write on its side.
-                set_title("fs:" + getattr(func, "__name__", "worker"))
-                opts = dict(opts, titled=True)
-        if frame.payload or not state.single_threaded:
+        spec = P.loads(frame.payload) if frame.payload else {}
+        prelude, run = spec.get("prelude", ()), spec.get("run")
+        if prelude:
+            extra, handles = _decode_prelude(prelude, frame.fds[1:])
+        if run is not None:
+            module_name, qualname, opts = run
+            func = _resolve_target(state, module_name, qualname)
+            # The clone inherits our name: no /proc write on its side.
+            set_title("fs:" + getattr(func, "__name__", "worker"))
+            opts = dict(opts, titled=True)
+        if spec.get("after") is not None and not _wait_for_reap(spec["after"], state.chan, new_sock):
+            new_chan.close()  # the parent gave this spare up before it was made
+            return None
+        if prelude or run is not None or not state.single_threaded:
             check_single_threaded(state.culprits)
             state.single_threaded = True
         sys.stdout.flush()  # else the clone would print our buffered output again
@@ -235,6 +243,52 @@ def _rehearse(state: _State) -> None:
 
 def _noop() -> None:
     """The target ``_rehearse`` resolves."""
+
+
+def _wait_for_reap(pid: int, chan: FdChannel, new_sock: socket.socket) -> bool:
+    """Wait until the worker ``pid`` is reaped (exited, on older kernels), or
+    ``chan`` or ``new_sock`` has input.
+
+    False if ``new_sock`` reached EOF meanwhile: the parent no longer wants
+    the clone (it shuts its end down for writing when it gives up a spare
+    whose greeting it has not read), so none is made.
+
+    Why wait: a spare made while the last worker ends competes with its end
+    for the CPUs -- the kernel tears down the worker's page tables, dropping
+    a count on each page it shared with us, while our clone copies the same
+    page tables and takes those counts again -- and with the parent's
+    wake-up to reap it.  A pidfd (a sibling's too: pidfd_open checks no
+    permission) reports POLLIN once the process is a zombie, after that
+    teardown, and since Linux 6.9 POLLHUP once it has been reaped (the
+    wait queue is woken again when the pid is released).  Our command socket
+    (any command: it may need the clone first) and the new socket (the
+    parent's next run, sent to the spare-to-be) end the wait early, so
+    nothing ever waits on a worker that runs for long.
+    """
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return True  # gone already (ESRCH), or no pidfds here: clone now
+    try:
+        poller = select.poll()
+        poller.register(pidfd, 0 if _HUP_ON_REAP else select.POLLIN)  # POLLHUP is always reported
+        for fd in (chan.fileno(), new_sock.fileno()):
+            poller.register(fd, select.POLLIN)
+        poller.poll()
+    finally:
+        os.close(pidfd)
+    try:
+        return new_sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except OSError:  # BlockingIOError: nothing sent yet, as it should be
+        return True
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    found = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return found is not None and (int(found[1]), int(found[2])) >= (major, minor)
+
+
+_HUP_ON_REAP = _kernel_at_least(6, 9)
 
 
 def _decode_prelude(prelude: List[Tuple[int, bytes, int]], fds: List[int]) -> Tuple[List[Any], List[Any]]:
