@@ -62,13 +62,20 @@ class Contender:
         return r % every == 0 and len(self.samples) < self.limit
 
 
-def timed(name: str, start_and_reap: Callable[[], int]) -> Callable[[], float]:
-    """Wrap a function returning an exit status into a sampler returning milliseconds."""
+def timed(name: str, start_and_reap: Callable[[], int],
+          after: Optional[Callable[[], None]] = None) -> Callable[[], float]:
+    """Wrap a function returning an exit status into a sampler returning milliseconds.
+
+    ``after`` runs untimed after each sample: it waits for the contender's
+    background work, so that it is not charged to the next contender.
+    """
 
     def once() -> float:
         t0 = time.perf_counter()
         status = start_and_reap()
         elapsed = time.perf_counter() - t0
+        if after is not None:
+            after()
         if status != 0:
             raise RuntimeError(f"{name}: the process exited with status {status}")
         return elapsed * 1e3
@@ -81,7 +88,11 @@ def measure(contenders: List[Contender], rounds: int, warmup: int,
     """Round-robin over ``contenders`` for ``rounds`` rounds after ``warmup`` rounds.
 
     Slow (limited) contenders warm up once only.  The garbage collector is
-    off meanwhile, so no collection pause lands inside a sample.
+    off meanwhile, so no collection pause lands inside a sample.  Samples
+    follow each other without a pause (a pause was tried: after 2 ms of
+    idling, every contender got slower and noisier on this VM); contenders'
+    own background work is waited for by their samplers (``timed``'s
+    ``after``), so it is not charged to the next one.
     """
     runnable = [c for c in contenders if c.once is not None and c.limit != 0]
     gc.collect()

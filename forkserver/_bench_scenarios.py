@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 from . import _bench as B
-from ._bench_workers import bare_fork, start_and_reap, stop_default_template
+from ._bench_workers import bare_fork, settle, start_and_reap, stop_default_template
 
 SCENARIOS = ("start", "back_to_back", "big_parent", "exec", "idle_uss")
 BLOCK = 10  # back_to_back: workers per sample, one right after the other
@@ -94,10 +94,14 @@ class Bench:
         B.measure(contenders, self.s.rounds if rounds is None else rounds,
                   self.s.warmup, self.progress.tick)
 
-    def forkserver_work(self, tpl=None, name: str = FS) -> Callable[[], float]:
-        """Sampler: a worker from this process's template, started, ran, reaped."""
+    def forkserver_work(self, tpl=None, name: str = FS, settled: bool = True) -> Callable[[], float]:
+        """Sampler: a worker from this process's template, started, ran, reaped.
+
+        ``settled``: then wait (untimed) until the template's next spare is ready.
+        """
         tpl = self.tpl if tpl is None else tpl
-        return B.timed(name, lambda: start_and_reap(tpl, "forkserver._bench_workers:work"))
+        return B.timed(name, lambda: start_and_reap(tpl, "forkserver._bench_workers:work"),
+                       (lambda: settle(tpl)) if settled else None)
 
     def mp_work(self, ctx, name: str) -> Callable[[], float]:
         """Sampler: a multiprocessing worker whose target imports the preload module."""
@@ -133,7 +137,7 @@ def back_to_back(bench: Bench) -> Scenario:
     """
     sc = Scenario("back_to_back", f"back to back, {BLOCK} in a row (mean per worker)", "ms")
     sc.contenders = [
-        B.Contender(FS, _block(bench.forkserver_work())),
+        B.Contender(FS, _block(bench.forkserver_work(settled=False), lambda: settle(bench.tpl))),
         B.Contender(FS_NO_SPARE, _block(bench.forkserver_work(bench.tpl_no_spare, FS_NO_SPARE))),
         B.Contender(MP_FS, _block(bench.mp_work(bench.mp_fs, MP_FS))),
         B.Contender(FORK_FLOOR, _block(bench.helpers["fork"].once)),
@@ -143,9 +147,16 @@ def back_to_back(bench: Bench) -> Scenario:
     return sc
 
 
-def _block(once: Callable[[], float]) -> Callable[[], float]:
-    """Sampler: the mean of BLOCK samples of ``once`` taken back to back."""
-    return lambda: sum(once() for _ in range(BLOCK)) / BLOCK
+def _block(once: Callable[[], float], after: Optional[Callable[[], None]] = None) -> Callable[[], float]:
+    """Sampler: the mean of BLOCK samples of ``once`` taken back to back (then ``after``, untimed)."""
+
+    def block() -> float:
+        mean = sum(once() for _ in range(BLOCK)) / BLOCK
+        if after is not None:
+            after()
+        return mean
+
+    return block
 
 
 def big_parent(bench: Bench) -> Scenario:

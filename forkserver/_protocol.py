@@ -14,8 +14,9 @@ shared by every thread of the parent, so replies must not cross.
 
 ``FORK`` carries the command socket of the new process as its first fd (the
 fds of a deferred fork's first ``send_fh`` follow).  Its payload, if any,
-holds those first items (``prelude``), a fused ``run`` target, or ``after``:
-a pid to wait for before cloning (a spare clone).  The template never
+holds those first items (``prelude``) and a fused ``run`` target, or says
+the clone is a ``spare`` (it rehearses a worker's start before it greets),
+to be made ``after`` a worker pid is gone.  The template never
 replies to it on its own channel: the new process greets the
 parent with ``HELLO`` on the new socket, or the template writes the
 ``ERROR`` there instead.  After the ``RUNNING`` reply the socket belongs to
@@ -42,7 +43,7 @@ REQUIRE = 2  # pickled tuple of module names                      -> RESULT | ER
 EVAL = 3  # pickled (source, args)                                -> RESULT | ERROR
 SEND_ARG = 4  # pickled list of objects
 SEND_FH = 5  # pickled list of handle descriptions; fds: the handles
-FORK = 6  # empty, or pickled {"prelude", "run", "after"}; fds: the new command socket, prelude fds
+FORK = 6  # empty, or pickled {"prelude", "run"} or {"spare", "after"}; fds: new socket, prelude fds
 RUN = 7  # pickled (module, qualname)                              -> RUNNING | ERROR
 SPAWN = 8  # pickled spawn spec; fds: reply pipe, then the program's fds -> SPAWNED | ERROR
 

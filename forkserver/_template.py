@@ -485,8 +485,9 @@ class Template:
         self._refill()
         return clone, False
 
-    def _new_clone(self, after: Optional[int] = None) -> "Template":
-        payload = P.dumps({"after": after}) if after is not None else b""
+    def _new_clone(self, after: Optional[int] = None, spare: bool = False) -> "Template":
+        """A clone; a ``spare`` one rehearses before it greets (made ``after`` that worker)."""
+        payload = P.dumps({"spare": True, "after": after}) if spare else b""
         clone = Template._from_channel(self._request_fork(payload), f"{self._origin}.fork()")
         clone._main_ok, clone._keep_spare = self._main_ok, self._keep_spare
         return clone
@@ -499,7 +500,7 @@ class Template:
         if not self._keep_spare or self._spare is not None or self._status not in ("starting", "ready"):
             return
         try:
-            self._spare = self._new_clone(after)
+            self._spare = self._new_clone(after, spare=True)
         except ForkserverError:
             pass  # this template is broken: its next use says so
 

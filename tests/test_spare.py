@@ -111,6 +111,21 @@ def test_after_using_a_ready_spare_the_next_is_made_once_the_worker_has_exited()
         assert talk(tpl.fork().send_arg(1).run(f"{W}:echo_args")) == ((1,), 0)
 
 
+def test_before_linux_6_9_the_next_spare_is_made_once_the_worker_has_exited():
+    # Older kernels do not wake pidfd pollers at the reap: the template waits for the exit.
+    with Template().require(W) as tpl:
+        tpl.eval("import forkserver._server._loop as loop; loop._HUP_ON_REAP = False")
+        spare = _ready_spare(tpl)
+        child = tpl.fork().run(f"{W}:wait_for_eof")
+        assert child.pid == spare.pid
+        assert ours() == {tpl.pid, child.pid}, "no clone competes with the worker"
+        child.control.close()
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped
+        spare_pid = tpl._spare.pid  # made after the exit, before the reap
+        assert child.poll() == 0
+        assert ours() == {tpl.pid, spare_pid}
+
+
 def test_a_fork_while_the_next_spare_waits_for_a_running_worker_gets_it_at_once():
     with Template().require(W) as tpl:
         _ready_spare(tpl)

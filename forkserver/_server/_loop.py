@@ -164,7 +164,7 @@ def _do_fork(state: _State, frame: Frame) -> Optional[Work]:
         if state.broken is not None:
             raise _Refused(state.broken)
         spec = P.loads(frame.payload) if frame.payload else {}
-        prelude, run = spec.get("prelude", ()), spec.get("run")
+        prelude, run, spare = spec.get("prelude", ()), spec.get("run"), spec.get("spare", False)
         if prelude:
             extra, handles = _decode_prelude(prelude, frame.fds[1:])
         if run is not None:
@@ -206,8 +206,9 @@ def _do_fork(state: _State, frame: Frame) -> Optional[Work]:
     if func is not None:
         state.chan.send(P.RUNNING, P.HELLO_FORMAT.pack(P.VERSION, os.getpid()))
         return func, state.sent, opts
+    if spare:
+        _rehearse(state)  # first: a spare's greeting tells the parent it is ready
     _greet(state.chan)
-    _rehearse(state)
     return None
 
 
