@@ -19,9 +19,10 @@ from ._fds import FdChannel, socketpair
 from ._template import Template, _kill_on_exit, _live
 from ._wait import open_pidfd
 
-_BOOT = (
+_BOOT = (  # the command socket is fd 3; nothing else inherited stays open
     "import sys; sys.path.insert(0, {path!r}); "
-    "from forkserver._server._loop import main, finish; finish(main(3))"
+    "from forkserver._server._loop import close_inherited, main, finish; "
+    "close_inherited(3); finish(main(3))"
 )
 
 

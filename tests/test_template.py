@@ -337,6 +337,28 @@ def test_a_killed_template_raises_broken_template_error_and_is_reaped():
     tpl.close()
 
 
+def test_a_new_interpreter_template_keeps_no_inherited_fd_open():
+    from forkserver._wait import wait_readable
+
+    r, w = os.pipe()
+    os.set_inheritable(w, True)  # as a user's pipe for a subprocess would be
+    try:
+        with Template.new_exec(sys_path=sys.path) as tpl:
+            tpl.require(W)
+            assert set(os.listdir(f"/proc/{tpl.pid}/fd")) == {"0", "1", "2", "3"}
+            child = tpl.fork().run(f"{W}:wait_for_eof")
+            os.close(w)
+            w = -1
+            # The reader sees EOF although the template and a worker are alive.
+            assert wait_readable(r, 20) and os.read(r, 1) == b""
+            child.control.close()
+            assert child.wait(20) == 0
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
 def test_a_fork_whose_template_died_meanwhile_raises_and_closes_cleanly():
     tpl = Template(spare=False)
     clone = tpl.fork()  # deferred: the FORK command goes with the run

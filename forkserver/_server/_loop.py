@@ -465,6 +465,24 @@ def _flush_std() -> None:
             pass
 
 
+def close_inherited(keep: int) -> None:
+    """Close every fd but 0-2 and ``keep``: what a freshly exec'd template inherited.
+
+    posix_spawn (like exec) passes on every fd of the parent not marked
+    close-on-exec.  A template holding one -- say the write end of a pipe of
+    the user's, or a listening socket -- would keep it open in every worker
+    cloned from it for as long as they live: a reader would never see EOF, a
+    port would stay taken.  ``subprocess`` closes them too (``close_fds``).
+    """
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd != keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # the fd listdir used, closed already
+
+
 def main(fd: int = 3) -> int:
     """Entry point of a template: serve the command socket on ``fd``.
 
