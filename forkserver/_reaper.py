@@ -22,7 +22,7 @@ from typing import Dict, Optional
 from . import _protocol as P
 from ._errors import BrokenChannelError, ProtocolError
 from ._fds import FdChannel
-from ._wait import open_pidfd, reap_now
+from ._wait import open_pidfd, reaped
 
 
 class _Reaper:
@@ -36,7 +36,7 @@ class _Reaper:
 
     def adopt(self, pid: int, pidfd: Optional[int]) -> None:
         """Reap ``pid`` once it exits (``pidfd`` is taken over, or opened here)."""
-        if reap_now(pid) is not None:
+        if reaped(pid):
             if pidfd is not None:
                 os.close(pidfd)
             return
@@ -109,7 +109,7 @@ class _Reaper:
 
     def _ready(self, fd: int) -> None:  # lock held
         if fd in self._pids:
-            if reap_now(self._pids[fd]) is not None:
+            if reaped(self._pids[fd]):
                 del self._pids[fd]
                 os.close(fd)
             return
@@ -128,7 +128,7 @@ class _Reaper:
         if frame is not None and frame.kind in (P.HELLO, P.RUNNING):
             pid = P.HELLO_FORMAT.unpack(frame.payload)[1]
             pidfd = open_pidfd(pid)
-            if reap_now(pid) is None:
+            if not reaped(pid):
                 self._pids[pidfd] = pid
             else:
                 os.close(pidfd)

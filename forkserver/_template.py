@@ -22,7 +22,7 @@ from . import _protocol as P
 from ._errors import BrokenChannelError, BrokenTemplateError, ClosedError, ForkserverError, ProtocolError
 from ._fds import FdChannel, Frame, socketpair
 from ._process import Child
-from ._wait import drain, open_pidfd, readable_now, reap, wait_channel
+from ._wait import ReapedElsewhere, drain, open_pidfd, readable_now, reap, wait_channel
 
 Handle = Union[int, socket.socket, Any]
 Target = Union[str, Callable[..., Any]]
@@ -648,9 +648,12 @@ class Template:
     def _reap(self, timeout: float) -> None:
         if self._pid is None or self._pidfd is None:
             return
-        if reap(self._pid, self._pidfd, timeout) is None:
-            os.kill(self._pid, 9)
-            reap(self._pid, self._pidfd, None)
+        try:
+            if reap(self._pid, self._pidfd, timeout) is None:
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+                reap(self._pid, self._pidfd, None)
+        except ReapedElsewhere:
+            pass  # a waitpid(-1) of the caller's got there first: gone all the same
         self._close_pidfd()
 
     def _close_pidfd(self) -> None:

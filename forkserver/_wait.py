@@ -94,13 +94,29 @@ def reap(pid: int, pidfd: int, timeout: Optional[float]) -> Optional[int]:
     return reap_now(pid)
 
 
+class ReapedElsewhere(ForkserverError):
+    """Our child was reaped by someone else's ``waitpid``: its exit status is lost."""
+
+
+def reaped(pid: int) -> bool:
+    """Reap ``pid`` if it has exited; True once it is gone (reaped now, or elsewhere before).
+
+    For processes whose status nobody asks for (dropped ones, templates,
+    spares): a ``waitpid(-1)`` of the user's that got there first is no error.
+    """
+    try:
+        return reap_now(pid) is not None
+    except ReapedElsewhere:
+        return True
+
+
 def reap_now(pid: int) -> Optional[int]:
     """``waitpid(WNOHANG)``: the returncode if ``pid`` has exited, else None."""
     while True:
         try:
             got, status = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
-            raise ForkserverError(
+            raise ReapedElsewhere(
                 f"pid {pid} was reaped by someone else (a waitpid(-1) or SIGCHLD=SIG_IGN "
                 "in this process?); its exit status is lost"
             ) from None

@@ -290,3 +290,17 @@ def test_the_reaper_thread_ends_once_every_dropped_process_is_reaped(tpl):
     gc.collect()
     assert reaper.wait_idle(20)
     assert [t.name for t in threading.enumerate() if t.name == "forkserver-reaper"] == []
+
+
+def test_a_dropped_child_reaped_by_a_waitpid_of_ours_does_not_stop_the_reaper(tpl):
+    child = tpl.fork().run(f"{W}:wait_for_eof")
+    pid, control = child.pid, child.control
+    del child  # dropped while running: handed to the reaper thread
+    gc.collect()
+    with reaper._lock:  # the reaper thread cannot reap it meanwhile
+        control.close()  # the worker exits...
+        os.waitpid(pid, 0)  # ...and the application's own waitpid reaps it first
+    assert reaper.wait_idle(20), "the reaper thread died or still waits"
+    tpl.fork().run(f"{W}:return_quietly")  # the next dropped child is still reaped
+    gc.collect()
+    assert reaper.wait_idle(20)

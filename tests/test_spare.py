@@ -233,6 +233,14 @@ def test_a_killed_spare_is_replaced_and_the_next_fork_still_runs():
         assert talk(child) == ((7,), 0)
 
 
+def test_a_dead_spare_reaped_by_a_waitpid_of_ours_is_replaced_and_the_next_fork_runs():
+    with Template().require(W) as tpl:
+        spare = _ready_spare(tpl)
+        os.kill(spare.pid, signal.SIGKILL)
+        os.waitpid(spare.pid, 0)  # as a waitpid(-1) loop of the application would
+        assert talk(tpl.fork().send_arg(3).run(f"{W}:echo_args")) == ((3,), 0)
+
+
 def test_a_bad_target_sent_to_a_spare_raises_and_the_clone_is_reaped():
     with Template().require(W) as tpl:
         assert talk(tpl.fork().send_arg(0).run(f"{W}:echo_args")) == ((0,), 0)

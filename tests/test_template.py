@@ -370,6 +370,15 @@ def test_a_fork_whose_template_died_meanwhile_raises_and_closes_cleanly():
     tpl.close()
 
 
+def test_a_dead_template_reaped_by_a_waitpid_of_ours_raises_broken_and_closes_quietly():
+    tpl = Template()
+    os.kill(tpl.pid, signal.SIGKILL)
+    os.waitpid(tpl.pid, 0)  # as a waitpid(-1) loop of the application would
+    with pytest.raises(BrokenTemplateError):
+        tpl.require("json")
+    tpl.close()  # no "reaped by someone else" error: it is gone all the same
+
+
 def test_a_template_is_consumed_by_run():
     tpl = Template().require(W)
     child = tpl.run(f"{W}:return_quietly")
