@@ -61,7 +61,6 @@ def timing_server(kind: str, preload: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     importlib.import_module(preload)
     tpl = None
-    after = None
     if kind == "fork":
         once = bare_fork
     elif kind == "forkserver":
@@ -71,27 +70,25 @@ def timing_server(kind: str, preload: str) -> None:
 
         def once() -> int:
             return start_and_reap(tpl, f"{MODULE}:work")
-
-        def after() -> None:
-            settle(tpl)
     else:
         raise SystemExit(f"timing_server: unknown kind {kind!r}")
     try:
-        _serve(once, after)
+        _serve(once, tpl)
     finally:
         if tpl is not None:
             tpl.close()
             stop_default_template()
 
 
-def _serve(once, after=None) -> None:
+def _serve(once, tpl=None) -> None:
+    """Answer each request line with one timed sample (``tpl``: settled after each)."""
     stdin, stdout = sys.stdin.buffer, sys.stdout
     while stdin.readline():
         t0 = time.perf_counter_ns()
         status = once()
         elapsed = time.perf_counter_ns() - t0
-        if after is not None:
-            after()
+        if tpl is not None:
+            settle(tpl)
         stdout.write(f"{elapsed} {status}\n")
         stdout.flush()
 

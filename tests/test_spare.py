@@ -114,7 +114,7 @@ def test_after_using_a_ready_spare_the_next_is_made_once_the_worker_has_exited()
 def test_before_linux_6_9_the_next_spare_is_made_once_the_worker_has_exited():
     # Older kernels do not wake pidfd pollers at the reap: the template waits for the exit.
     with Template().require(W) as tpl:
-        tpl.eval("import forkserver._server._loop as loop; loop._HUP_ON_REAP = False")
+        tpl.eval("import forkserver._server._fork as fork; fork._HUP_ON_REAP = False")
         spare = _ready_spare(tpl)
         child = tpl.fork().run(f"{W}:wait_for_eof")
         assert child.pid == spare.pid

@@ -1,0 +1,77 @@
+"""A template's state and the steps its commands share (runs inside template processes)."""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Any, Callable, List, Optional, Tuple
+
+from .. import _protocol as P
+from .._fds import FdChannel, Frame
+from ._hygiene import thread_count, thread_limits
+
+Work = Tuple[Callable[..., Any], List[Any], dict]  # func, sent items, run options
+
+
+class State:
+    """Everything a template has; a clone inherits all of it."""
+
+    def __init__(self, chan: FdChannel) -> None:
+        self.chan = chan
+        self.sent: List[Any] = []  # send_arg/send_fh items, in call order
+        self.namespace: dict = {"__name__": "__forkserver_eval__"}
+        self.broken: Optional[bytes] = None  # encoded first error of a pipelined command
+        self.culprits: List[str] = []  # require/eval calls that started threads
+        self.gc_freeze = True
+        # True from a thread check that found one thread until the next
+        # command other than a bare FORK: nothing else runs code that could
+        # start a thread, so the spare clones asked for in a row skip it.
+        self.single_threaded = False
+
+    def reply_error(self, exc: BaseException, context: str) -> None:
+        self.chan.send(P.ERROR, P.encode_error(exc, context))
+
+
+def greet(chan: FdChannel) -> None:
+    chan.send(P.HELLO, P.HELLO_FORMAT.pack(P.VERSION, os.getpid()))
+
+
+def import_checked(state: State, what: str, func: Callable[[], Any]) -> Any:
+    """Run an import/eval under thread-pool limits; remember it if it started threads."""
+    before = thread_count()
+    with thread_limits():
+        result = func()
+    if thread_count() > before:
+        state.culprits.append(what)
+    return result
+
+
+def resolve(state: State, frame: Frame) -> Tuple[Callable[..., Any], dict]:
+    module_name, qualname, opts = P.loads(frame.payload)
+    return resolve_target(state, module_name, qualname), opts
+
+
+def resolve_target(state: State, module_name: str, qualname: str) -> Callable[..., Any]:
+    obj: Any = sys.modules.get(module_name)
+    if obj is None:  # the hot path (module preloaded) touches nothing else
+        obj = import_checked(
+            state, f"run({module_name!r})", lambda: importlib.import_module(module_name)
+        )
+    for part in qualname.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise AttributeError(
+                f"module {module_name!r} has no attribute {qualname!r}; check the name passed to run()"
+            ) from None
+    if not callable(obj):
+        raise TypeError(f"{module_name}:{qualname} is {obj!r}, which is not callable")
+    return obj
+
+
+def flush_std() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
