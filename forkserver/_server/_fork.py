@@ -19,6 +19,7 @@ import sys
 from typing import Any, List, Optional, Tuple
 
 from .. import _protocol as P
+from .._errors import BrokenChannelError
 from .._fds import FdChannel, Frame, fork_sibling
 from ._hygiene import check_single_threaded, set_title
 from ._state import State, Work, flush_std, greet, resolve, resolve_target
@@ -57,8 +58,8 @@ def do_fork(state: State, frame: Frame) -> Optional[Work]:
             # The clone inherits our name: no /proc write on its side.
             set_title("fs:" + getattr(func, "__name__", "worker"))
             opts = dict(opts, titled=True)
-        if spec.get("after") is not None and not _wait_for_reap(spec["after"], state.chan, new_sock):
-            new_chan.close()  # the parent gave this spare up before it was made
+        if spare and not _still_wanted(spec.get("after"), state.chan, new_sock):
+            new_chan.close()  # the parent gave this spare up (or died) before it was made
             return None
         if prelude or run is not None or not state.single_threaded:
             check_single_threaded(state.culprits)
@@ -87,12 +88,15 @@ def do_fork(state: State, frame: Frame) -> Optional[Work]:
     os.close(state.chan.sock.detach())
     state.chan = new_chan
     state.sent.extend(extra)
-    if func is not None:
-        state.chan.send(P.RUNNING, P.HELLO_FORMAT.pack(P.VERSION, os.getpid()))
-        return func, state.sent, opts
-    if spare:
-        _rehearse(state)  # first: a spare's greeting tells the parent it is ready
-    greet(state.chan)
+    try:
+        if func is not None:
+            state.chan.send(P.RUNNING, P.HELLO_FORMAT.pack(P.VERSION, os.getpid()))
+            return func, state.sent, opts
+        if spare:
+            _rehearse(state)  # first: a spare's greeting tells the parent it is ready
+        greet(state.chan)
+    except BrokenChannelError:
+        pass  # the parent is gone: the loop reads EOF next, and this clone exits quietly
     return None
 
 
@@ -133,13 +137,24 @@ def _noop() -> None:
 _REHEARSAL = Frame(P.RUN, P.dumps((__name__, "_noop", {})), [])
 
 
-def _wait_for_reap(pid: int, chan: FdChannel, new_sock: socket.socket) -> bool:
-    """Wait until the worker ``pid`` is reaped (exited, on older kernels), or
-    ``chan`` or ``new_sock`` has input.
+def _still_wanted(after: Optional[int], chan: FdChannel, new_sock: socket.socket) -> bool:
+    """Whether to make a spare now: after waiting for the worker ``after`` if given.
 
-    False if ``new_sock`` reached EOF meanwhile: the parent no longer wants
-    the clone (it shuts its end down for writing when it gives up a spare
-    whose greeting it has not read), so none is made.
+    False if the parent no longer wants it: it shuts its end of the new
+    socket down for writing when it gives up a spare whose greeting it has
+    not read, and a dead parent's end is closed: EOF either way.
+    """
+    if after is not None:
+        _wait_for_reap(after, chan, new_sock)
+    try:
+        return new_sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except OSError:  # BlockingIOError: nothing sent yet, as it should be
+        return True
+
+
+def _wait_for_reap(pid: int, chan: FdChannel, new_sock: socket.socket) -> None:
+    """Wait until the worker ``pid`` is reaped (exited, on older kernels), or
+    ``chan`` or ``new_sock`` has input (a command, the next run, EOF).
 
     Why wait: a spare made while the last worker ends competes with its end
     for the CPUs -- the kernel tears down the worker's page tables, dropping
@@ -156,7 +171,7 @@ def _wait_for_reap(pid: int, chan: FdChannel, new_sock: socket.socket) -> bool:
     try:
         pidfd = os.pidfd_open(pid)
     except (AttributeError, OSError):
-        return True  # gone already (ESRCH), or no pidfds here: clone now
+        return  # gone already (ESRCH), or no pidfds here: clone now
     try:
         poller = select.poll()
         poller.register(pidfd, 0 if _HUP_ON_REAP else select.POLLIN)  # POLLHUP is always reported
@@ -165,10 +180,6 @@ def _wait_for_reap(pid: int, chan: FdChannel, new_sock: socket.socket) -> bool:
         poller.poll()
     finally:
         os.close(pidfd)
-    try:
-        return new_sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
-    except OSError:  # BlockingIOError: nothing sent yet, as it should be
-        return True
 
 
 def _kernel_at_least(major: int, minor: int) -> bool:
