@@ -89,6 +89,27 @@ async def _next_frame(tpl: Template, what: str) -> Any:
         await _fd_ready(chan.fileno(), chan.pending_output, delay)
 
 
+async def _flushed(tpl: Template) -> None:
+    """Until everything queued for ``tpl`` is in its socket.
+
+    A fork sends ``FORK`` to the template it comes from and then must wait,
+    in the sync code, for whatever is queued before it (a ``send_arg`` bigger
+    than the socket buffer) to get there; flushing first, awaiting
+    writability, keeps that wait out of the event loop.
+    """
+    while True:
+        with tpl._lock:
+            chan = tpl._chan
+            if chan is None or chan.closed or not chan.pending_output:
+                return
+            try:
+                if chan.flush():
+                    return
+            except Exception:
+                return  # the template is gone: the next step raises BrokenTemplateError
+        await _any_ready([(chan.fileno(), True)])
+
+
 async def _call(tpl: Template, kind: int, payload: bytes) -> Any:
     async with _lock_for(tpl):
         tpl._send(kind, payload)
@@ -123,6 +144,9 @@ async def run(
     """``tpl.run(target)`` without blocking the loop; returns an ``AsyncChild``."""
     async with _lock_for(tpl):
         child = None
+        base = tpl._base if tpl._status == "pending" else None
+        if base is not None:
+            await _flushed(base)
         try:
             with tpl._lock:
                 name = tpl._start_run(target, die_with_parent)

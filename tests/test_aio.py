@@ -77,3 +77,34 @@ def test_async_with_waits_on_success_checks_and_stops_on_error():
                 await (await aio.run(tpl.fork(), f"{W}:ready_then_wait")).wait(0.05)
 
     asyncio.run(main())
+
+
+def test_run_of_a_fork_waits_for_a_big_queued_send_arg_without_blocking_the_loop():
+    import os
+    import signal
+
+    from ._workers import recv_obj
+
+    async def main():
+        with Template().require(W) as tpl:
+            os.kill(tpl.pid, signal.SIGSTOP)  # it reads nothing: 16 MiB stay queued here
+            try:
+                tpl.send_arg(b"x" * (16 << 20))
+
+                async def resume():  # runs only if aio.run leaves the loop free
+                    os.kill(tpl.pid, signal.SIGCONT)
+
+                resumer = asyncio.ensure_future(resume())
+                # Awaited directly, so it starts before the resumer can run.
+                child = await aio.run(tpl.fork(), f"{W}:arg_sizes")
+                await resumer
+            finally:
+                os.kill(tpl.pid, signal.SIGCONT)
+            child.control.setblocking(True)
+            child.control.settimeout(20)
+            sizes = recv_obj(child.control)
+            code = await child.wait(20)
+            child.control.close()
+            return sizes, code
+
+    assert asyncio.run(main()) == ([16 << 20], 0)
