@@ -147,6 +147,18 @@ def test_a_template_changed_while_its_next_spare_waits_makes_no_clone():
         assert talk(tpl.fork().run(f"{W}:echo_args")) == (("new",), 0)
 
 
+def test_the_pid_of_a_fork_is_known_while_the_next_spare_waits_for_a_running_worker():
+    with Template().require(W) as tpl:
+        _ready_spare(tpl)
+        child = tpl.fork().run(f"{W}:wait_for_eof")  # the next spare waits for its exit
+        clone = tpl.fork()
+        assert clone.pid in ours()  # must not wait for the worker to end
+        assert child.poll() is None
+        clone.close()
+        child.control.close()
+        assert child.wait(20) == 0
+
+
 def test_closing_a_template_whose_next_spare_waits_for_a_running_worker_ends_at_once():
     tpl = Template().require(W)
     _ready_spare(tpl)
