@@ -159,6 +159,19 @@ def test_the_pid_of_a_fork_is_known_while_the_next_spare_waits_for_a_running_wor
         assert child.wait(20) == 0
 
 
+def test_a_program_spawned_while_the_next_spare_waits_does_not_make_it_early():
+    with Template().require(W) as tpl:
+        _ready_spare(tpl)
+        child = tpl.fork().run(f"{W}:wait_for_eof")
+        code = tpl.spawn(["true"]).wait(20)  # SPAWN leaves the template as it is
+        assert code == 0
+        assert ours() == {tpl.pid, child.pid}, "the spare still waits for the worker"
+        child.control.close()
+        assert child.wait(20) == 0
+        spare_pid = tpl._spare.pid
+        assert ours() == {tpl.pid, spare_pid}
+
+
 def test_closing_a_template_whose_next_spare_waits_for_a_running_worker_ends_at_once():
     tpl = Template().require(W)
     _ready_spare(tpl)

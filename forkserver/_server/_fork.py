@@ -20,7 +20,8 @@ from typing import Any, List, Optional, Tuple
 
 from .. import _protocol as P
 from .._errors import BrokenChannelError
-from .._fds import FdChannel, Frame, fork_sibling
+from .._fds import HEADER, FdChannel, Frame, fork_sibling
+from ._exec import do_spawn
 from ._hygiene import check_single_threaded, set_title
 from ._state import State, Work, flush_std, greet, resolve, resolve_target
 
@@ -58,7 +59,7 @@ def do_fork(state: State, frame: Frame) -> Optional[Work]:
             # The clone inherits our name: no /proc write on its side.
             set_title("fs:" + getattr(func, "__name__", "worker"))
             opts = dict(opts, titled=True)
-        if spare and not _still_wanted(spec.get("after"), state.chan, new_sock):
+        if spare and not _still_wanted(spec.get("after"), state, new_sock):
             new_chan.close()  # the parent gave this spare up (or died) before it was made
             return None
         if prelude or run is not None or not state.single_threaded:
@@ -137,7 +138,7 @@ def _noop() -> None:
 _REHEARSAL = Frame(P.RUN, P.dumps((__name__, "_noop", {})), [])
 
 
-def _still_wanted(after: Optional[int], chan: FdChannel, new_sock: socket.socket) -> bool:
+def _still_wanted(after: Optional[int], state: State, new_sock: socket.socket) -> bool:
     """Whether to make a spare now: after waiting for the worker ``after`` if given.
 
     False if the parent no longer wants it: it shuts its end of the new
@@ -145,16 +146,18 @@ def _still_wanted(after: Optional[int], chan: FdChannel, new_sock: socket.socket
     not read, and a dead parent's end is closed: EOF either way.
     """
     if after is not None:
-        _wait_for_reap(after, chan, new_sock)
+        _wait_for_reap(after, state, new_sock)
     try:
         return new_sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
     except OSError:  # BlockingIOError: nothing sent yet, as it should be
         return True
 
 
-def _wait_for_reap(pid: int, chan: FdChannel, new_sock: socket.socket) -> None:
+def _wait_for_reap(pid: int, state: State, new_sock: socket.socket) -> None:
     """Wait until the worker ``pid`` is reaped (exited, on older kernels), or
-    ``chan`` or ``new_sock`` has input (a command, the next run, EOF).
+    our command socket or ``new_sock`` has input (a command, the next run,
+    EOF).  ``SPAWN`` commands are served meanwhile: they leave the template
+    as it is, so the spare may still be made later.
 
     Why wait: a spare made while the last worker ends competes with its end
     for the CPUs -- the kernel tears down the worker's page tables, dropping
@@ -175,11 +178,28 @@ def _wait_for_reap(pid: int, chan: FdChannel, new_sock: socket.socket) -> None:
     try:
         poller = select.poll()
         poller.register(pidfd, 0 if _HUP_ON_REAP else select.POLLIN)  # POLLHUP is always reported
-        for fd in (chan.fileno(), new_sock.fileno()):
+        for fd in (state.chan.fileno(), new_sock.fileno()):
             poller.register(fd, select.POLLIN)
-        poller.poll()
+        while [fd for fd, _ in poller.poll()] == [state.chan.fileno()] and _spawn_next(state):
+            pass
     finally:
         os.close(pidfd)
+
+
+def _spawn_next(state: State) -> bool:
+    """Serve the next command if it is a complete SPAWN frame's header; False if it is not."""
+    try:
+        header = state.chan.sock.recv(HEADER.size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:
+        return False
+    if len(header) < HEADER.size or HEADER.unpack(header)[2] != P.SPAWN:
+        return False  # another command (or EOF): it may need the clone first
+    try:
+        frame = state.chan.receive()
+    except BrokenChannelError:
+        return False  # EOF after all: the loop ends once the clone is made
+    do_spawn(state, frame)
+    return True
 
 
 def _kernel_at_least(major: int, minor: int) -> bool:
