@@ -1,6 +1,7 @@
 """The spare clone: a forked template keeps one clone ready for its next fork()."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -126,50 +127,42 @@ def test_before_linux_6_9_the_next_spare_is_made_once_the_worker_has_exited():
         assert ours() == {tpl.pid, spare_pid}
 
 
-def test_a_fork_while_the_next_spare_waits_for_a_running_worker_gets_it_at_once():
-    with Template().require(W) as tpl:
-        _ready_spare(tpl)
-        first = tpl.fork().run(f"{W}:wait_for_eof")
-        assert talk(tpl.fork().send_arg(2).run(f"{W}:echo_args")) == ((2,), 0)
-        assert first.poll() is None
-        first.control.close()
-        assert first.wait(20) == 0
-
-
-def test_a_template_changed_while_its_next_spare_waits_makes_no_clone():
+@contextlib.contextmanager
+def _next_spare_waiting():
+    """(a template, its running worker): the template's next spare waits for that worker."""
     with Template().require(W) as tpl:
         _ready_spare(tpl)
         child = tpl.fork().run(f"{W}:wait_for_eof")
-        tpl.send_arg("new").require("json")  # drops the spare it had asked for
-        assert ours() == {tpl.pid, child.pid}
+        yield tpl, child
         child.control.close()
         assert child.wait(20) == 0
+
+
+def test_a_fork_while_the_next_spare_waits_for_a_running_worker_gets_it_at_once():
+    with _next_spare_waiting() as (tpl, first):
+        assert talk(tpl.fork().send_arg(2).run(f"{W}:echo_args")) == ((2,), 0)
+        assert first.poll() is None
+
+
+def test_a_template_changed_while_its_next_spare_waits_makes_no_clone():
+    with _next_spare_waiting() as (tpl, child):
+        tpl.send_arg("new").require("json")  # drops the spare it had asked for
+        assert ours() == {tpl.pid, child.pid}
         assert talk(tpl.fork().run(f"{W}:echo_args")) == (("new",), 0)
 
 
 def test_the_pid_of_a_fork_is_known_while_the_next_spare_waits_for_a_running_worker():
-    with Template().require(W) as tpl:
-        _ready_spare(tpl)
-        child = tpl.fork().run(f"{W}:wait_for_eof")  # the next spare waits for its exit
+    with _next_spare_waiting() as (tpl, child):
         clone = tpl.fork()
         assert clone.pid in ours()  # must not wait for the worker to end
         assert child.poll() is None
         clone.close()
-        child.control.close()
-        assert child.wait(20) == 0
 
 
 def test_a_program_spawned_while_the_next_spare_waits_does_not_make_it_early():
-    with Template().require(W) as tpl:
-        _ready_spare(tpl)
-        child = tpl.fork().run(f"{W}:wait_for_eof")
-        code = tpl.spawn(["true"]).wait(20)  # SPAWN leaves the template as it is
-        assert code == 0
+    with _next_spare_waiting() as (tpl, child):
+        assert tpl.spawn(["true"]).wait(20) == 0  # SPAWN leaves the template as it is
         assert ours() == {tpl.pid, child.pid}, "the spare still waits for the worker"
-        child.control.close()
-        assert child.wait(20) == 0
-        spare_pid = tpl._spare.pid
-        assert ours() == {tpl.pid, spare_pid}
 
 
 def test_closing_a_template_whose_next_spare_waits_for_a_running_worker_ends_at_once():
