@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, List, Optional, Sequence
 from . import _protocol as P
 from ._errors import BrokenChannelError, ForkserverError
 from ._fds import FdChannel, socketpair
-from ._wait import drain, readable_now
+from ._wait import drain, wait_readable
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._process import Child
@@ -86,7 +86,7 @@ class Cloning:
             spare, base._spare = base._spare, None
             if spare is None or spare._status not in ("starting", "ready"):
                 return None
-        ready = spare._status == "ready" or readable_now(spare._chan.fileno())
+        ready = spare._status == "ready" or wait_readable(spare._chan.fileno(), 0)
         try:
             for kind, payload, dups in prelude:
                 spare._chan.send(kind, payload, dups)

@@ -475,7 +475,7 @@ class Template(Cloning):
 
         A spare asked for "after" a worker may not exist yet: its template
         is waiting, and sees this EOF on the new socket instead of making a
-        clone nobody wants (see _server/_loop.py, ``_wait_for_exit``).  A
+        clone nobody wants (see _server/_fork.py, ``_still_wanted``).  A
         template that exists reads the commands sent so far, then the EOF.
         """
         try:

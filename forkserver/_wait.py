@@ -44,18 +44,12 @@ def remaining(deadline: Optional[float]) -> Optional[float]:
 
 
 def wait_readable(fd: int, timeout: Optional[float]) -> bool:
-    """Poll ``fd`` for input (or hang-up); True if ready before ``timeout``."""
+    """Poll ``fd`` for input (or hang-up); True if ready before ``timeout`` (0: now)."""
     poller = select.poll()
     poller.register(fd, select.POLLIN)
-    ms = None if timeout is None else int(timeout * 1000) + 1
+    # Rounded up, so a positive timeout never ends early; 0 does not wait.
+    ms = None if timeout is None else (int(timeout * 1000) + 1 if timeout > 0 else 0)
     return bool(poller.poll(ms))
-
-
-def readable_now(fd: int) -> bool:
-    """Whether ``fd`` has input (or hang-up) right now, without waiting."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(0))
 
 
 def drain(chan: FdChannel) -> None:

@@ -26,6 +26,7 @@ import weakref
 from typing import Any, Optional, Sequence, Tuple, Union
 
 from . import _protocol as P
+from ._errors import BrokenChannelError
 from ._process import Child
 from ._spawn import CalledProcessError
 from ._template import _HELLO_READ, _WAIT, Target, Template
@@ -105,7 +106,7 @@ async def _flushed(tpl: Template) -> None:
             try:
                 if chan.flush():
                     return
-            except Exception:
+            except (BrokenChannelError, OSError):
                 return  # the template is gone: the next step raises BrokenTemplateError
         await _any_ready([(chan.fileno(), True)])
 

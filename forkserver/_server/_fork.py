@@ -115,15 +115,8 @@ def do_fork(state: State, frame: Frame) -> Optional[Work]:
 
 def _rehearse(state: State) -> None:
     """Walk a worker's start-up and exit path once, unless a command is waiting."""
-    try:
-        if state.chan.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
-            return  # EOF: the loop ends at its next receive
-    except BlockingIOError:
-        pass  # nothing waiting: idle time
-    except OSError:
-        return  # the loop's receive reports it
-    else:
-        return  # a command is waiting: serve it first
+    if _peek(state.chan.sock) is not None:
+        return  # a command is waiting (serve it first), or EOF / an error the loop reports
     resolve(state, _REHEARSAL)
     set_title("fs:template")
     _signal.signal(_SIGINT, _signal.SIG_IGN)
@@ -147,10 +140,7 @@ def _still_wanted(after: Optional[int], state: State, new_sock: socket.socket) -
     """
     if after is not None:
         _wait_for_reap(after, state, new_sock)
-    try:
-        return new_sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
-    except OSError:  # BlockingIOError: nothing sent yet, as it should be
-        return True
+    return _peek(new_sock) != b""
 
 
 def _wait_for_reap(pid: int, state: State, new_sock: socket.socket) -> None:
@@ -188,11 +178,8 @@ def _wait_for_reap(pid: int, state: State, new_sock: socket.socket) -> None:
 
 def _spawn_next(state: State) -> bool:
     """Serve the next command if it is a complete SPAWN frame's header; False if it is not."""
-    try:
-        header = state.chan.sock.recv(HEADER.size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except OSError:
-        return False
-    if len(header) < HEADER.size or HEADER.unpack(header)[2] != P.SPAWN:
+    header = _peek(state.chan.sock, HEADER.size)
+    if header is None or len(header) < HEADER.size or HEADER.unpack(header)[2] != P.SPAWN:
         return False  # another command (or EOF): it may need the clone first
     try:
         frame = state.chan.receive()
@@ -200,6 +187,16 @@ def _spawn_next(state: State) -> bool:
         return False  # EOF after all: the loop ends once the clone is made
     do_spawn(state, frame)
     return True
+
+
+def _peek(sock: socket.socket, size: int = 1) -> Optional[bytes]:
+    """Up to ``size`` waiting bytes, left in place; None if none yet, b"" at EOF or on an error."""
+    try:
+        return sock.recv(size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""  # e.g. ECONNRESET: the peer is gone, as at EOF
 
 
 def _kernel_at_least(major: int, minor: int) -> bool:
