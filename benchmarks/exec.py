@@ -159,7 +159,7 @@ def pinned(cpu: Optional[int]) -> Iterator[None]:
     if cpu is None:
         yield
         return
-    from forkserver._default import default_template
+    from forkserver._template import default_template
 
     pids = [0, default_template().pid]
     saved = [os.sched_getaffinity(pid) for pid in pids]

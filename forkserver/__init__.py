@@ -2,7 +2,7 @@
 
 A small, freshly exec'd *template* interpreter receives commands and file
 descriptors over an AF_UNIX socket and forks children on demand; every child
-is a direct child of your process.  See README.md.
+is a direct child of your process.  See README.md and docs/.
 """
 from typing import TYPE_CHECKING, Any
 
@@ -20,12 +20,12 @@ from ._errors import (
 )
 
 if TYPE_CHECKING:
-    from ._communicate import run_program
+    from ._errors import CalledProcessError
     from ._process import Child
-    from ._spawn import CalledProcessError, spawn
-    from ._stream import Stream, stream
-    from ._default import early
-    from ._template import Template
+    from ._programs._run import run_program
+    from ._programs._spawn import spawn
+    from ._programs._stream import Stream, stream
+    from ._template import Template, early
 
 __version__ = "0.1.0.dev0"
 
@@ -35,14 +35,14 @@ __version__ = "0.1.0.dev0"
 # for their at-fork hooks (threading's alone: ~120 copy-on-write page faults,
 # ~0.8 ms per fork measured here; subprocess: ~3.5 ms of import time).
 _LAZY = {
-    "CalledProcessError": "._spawn",
+    "CalledProcessError": "._errors",
     "Child": "._process",
-    "Stream": "._stream",
+    "Stream": "._programs._stream",
     "Template": "._template",
-    "early": "._default",
-    "run_program": "._communicate",
-    "spawn": "._spawn",
-    "stream": "._stream",
+    "early": "._template",
+    "run_program": "._programs._run",
+    "spawn": "._programs._spawn",
+    "stream": "._programs._stream",
 }
 
 

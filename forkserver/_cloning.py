@@ -6,7 +6,7 @@ here works on a template's attributes set by ``Template._adopt``.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence
 
 from . import _protocol as P
 from ._errors import BrokenChannelError, ForkserverError
@@ -15,7 +15,6 @@ from ._wait import drain, wait_readable
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._process import Child
-    from ._template import Template
 
 
 class Cloning:
@@ -76,7 +75,7 @@ class Cloning:
             with base._lock:
                 base._refill(after)
 
-    def _start_from_spare(self, base: "Template", prelude: List[tuple], run: Optional[tuple]) -> Optional[bool]:
+    def _start_from_spare(self, base: Any, prelude: List[tuple], run: Optional[tuple]) -> Optional[bool]:
         """Become ``base``'s spare and send it the prelude and run.
 
         None if there is no spare; else whether it had greeted us already
@@ -137,7 +136,7 @@ class Cloning:
         self._refill()
         return clone, False
 
-    def _new_clone(self, after: Optional[int] = None, spare: bool = False) -> "Template":
+    def _new_clone(self, after: Optional[int] = None, spare: bool = False) -> Any:
         """A clone; a ``spare`` one rehearses before it greets (made ``after`` that worker)."""
         payload = P.dumps({"spare": True, "after": after}) if spare else b""
         clone = type(self)._from_channel(self._request_fork(payload), f"{self._origin}.fork()")

@@ -7,6 +7,8 @@ channel; *Closed* means you closed it yourself.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 __all__ = [
     "ForkserverError",
     "ProtocolError",
@@ -18,6 +20,7 @@ __all__ = [
     "RemoteTraceback",
     "ThreadedTemplateError",
     "PidfdUnavailableError",
+    "CalledProcessError",
 ]
 
 
@@ -78,3 +81,37 @@ class ThreadedTemplateError(ForkserverError):
 
 class PidfdUnavailableError(ForkserverError):
     """This kernel or Python has no pidfd_open: forkserver needs Linux 5.3 or newer."""
+
+
+# ``CalledProcessError`` subclasses ``subprocess.CalledProcessError``, and
+# importing ``subprocess`` costs ~3.5 ms and brings ``threading`` (whose
+# at-fork hook every template clone would then run).  Templates import this
+# module, so the class is made on first use (PEP 562).
+
+if TYPE_CHECKING:  # pragma: no cover
+    import subprocess
+
+    class CalledProcessError(subprocess.CalledProcessError, ForkserverError):
+        pass
+
+
+def _make_called_process_error() -> type:
+    import subprocess
+
+    class CalledProcessError(subprocess.CalledProcessError, ForkserverError):
+        """A program exited with a non-zero status; ``except`` it as either base class.
+
+        ``returncode`` (negative: killed by that signal), ``cmd``, and the
+        captured ``output``/``stderr`` when there were any.
+        """
+
+    CalledProcessError.__module__ = __name__
+    CalledProcessError.__qualname__ = "CalledProcessError"  # what pickle looks up
+    return CalledProcessError
+
+
+def __getattr__(name: str) -> Any:  # PEP 562
+    if name == "CalledProcessError":
+        cls = globals()["CalledProcessError"] = _make_called_process_error()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

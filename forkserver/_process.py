@@ -6,7 +6,7 @@ import os
 import signal
 import socket
 import threading
-from typing import IO, Any, Iterator, Optional, Sequence, Tuple
+from typing import IO, Any, Callable, Iterator, Optional, Sequence, Tuple
 
 from ._wait import open_pidfd, reap_now, wait_readable
 
@@ -44,6 +44,9 @@ class Child:
         self.args = args
         self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
         self._comm: Any = None  # communicate()'s state across a TimeoutExpired
+        # Set by the program path (forkserver._programs), which owns the pipes:
+        # this layer does not import the rooms above it.
+        self._communicate: Optional[Callable[..., Tuple[Optional[bytes], Optional[bytes]]]] = None
         #: used by ``with child:`` when the block ends normally
         self.check = check
         self.exit_timeout = exit_timeout
@@ -136,9 +139,15 @@ class Child:
         raises ``subprocess.TimeoutExpired`` and the child keeps running --
         call ``communicate()`` again (nothing read is lost) or ``kill()`` it.
         """
-        from ._communicate import communicate
-
-        return communicate(self, input, timeout)
+        if self._communicate is None:  # no pipes to serve (a worker): just the wait
+            if input is not None:
+                raise ValueError(
+                    f"communicate() on {self!r}: input given but stdin is not a pipe; "
+                    "spawn with stdin=PIPE"
+                )
+            self.wait(timeout)
+            return None, None
+        return self._communicate(self, input, timeout)
 
     # -- signals -----------------------------------------------------------------
 
@@ -195,7 +204,7 @@ class Child:
         """
         import subprocess
 
-        from ._spawn import CalledProcessError
+        from ._errors import CalledProcessError
 
         try:
             self._close_pipes()

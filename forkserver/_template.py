@@ -9,6 +9,7 @@ with a lock, so many threads may use many templates (or one) at once.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
 import signal
@@ -20,7 +21,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from . import _protocol as P
 from ._errors import BrokenChannelError, BrokenTemplateError, ClosedError, ProtocolError
+from ._boot import exec_interpreter, fork_this_process
 from ._cloning import Cloning
+from ._context import caller_context, dup_all
+from ._default import _default
 from ._fds import FdChannel, Frame
 from ._process import Child
 from ._wait import ReapedElsewhere, open_pidfd, reap, wait_channel
@@ -65,10 +69,8 @@ class Template(Cloning):
         gc_freeze: bool = True,
         spare: bool = True,
     ) -> None:
-        context = _context(env, cwd, (stdin, stdout, stderr), sys.path, gc_freeze)
+        context = caller_context(env, cwd, (stdin, stdout, stderr), sys.path, gc_freeze)
         try:
-            from ._default import _default, default_template
-
             for attempt in (1, 2, 3):
                 base = default_template()
                 with base._lock:
@@ -155,9 +157,9 @@ class Template(Cloning):
         its directory (default: the caller's).  ``sys_path`` defaults to
         what the new interpreter computes itself, plus this forkserver.
         """
-        from ._default import spawn_template
-
-        tpl = spawn_template(python or sys.executable, dict(os.environ if env is None else env))
+        chan, pid, pidfd = exec_interpreter(python or sys.executable, dict(os.environ if env is None else env))
+        tpl = cls._from_channel(chan, "Template.new_exec()", pid)
+        tpl._pidfd = pidfd
         tpl._keep_spare = spare
         ctx: Dict[str, Any] = {"cwd": os.fspath(cwd) if cwd is not None else os.getcwd()}
         if sys_path is not None:
@@ -224,7 +226,7 @@ class Template(Cloning):
             self._check_open(P.NAMES[kind])
             if self._status == "pending":
                 if kind in (P.SEND_ARG, P.SEND_FH):
-                    self._prelude.append((kind, payload, _dup_all(fds)))
+                    self._prelude.append((kind, payload, dup_all(fds)))
                     return
                 self._materialize()
             if kind not in _KEEPS_STATE:
@@ -428,17 +430,6 @@ class Template(Cloning):
         pidfd, self._pidfd = self._pidfd, None
         return Child(self._pid, control, target, pidfd, check=check, exit_timeout=timeout)
 
-    def spawn(self, argv: Sequence[Any], **kwargs: Any) -> Child:
-        """Start an external program from this template; see ``forkserver.spawn``.
-
-        The program takes *your* current environment, directory and stdio
-        unless overridden, as with ``forkserver.spawn``; the template only
-        provides the cheap process creation.  The template stays usable.
-        """
-        from ._spawn import prepare, spawn_from
-
-        return spawn_from(self, prepare(argv, **kwargs))
-
     # -- closing -----------------------------------------------------------------
 
     def close(self) -> None:
@@ -534,48 +525,64 @@ class Template(Cloning):
         self.close()
 
 
-def _dup_all(fds: Sequence[Any]) -> List[int]:
-    """Duplicates of ``fds`` (ints or objects with fileno()), all or none."""
-    dups: List[int] = []
-    try:
-        for fd in fds:
-            dups.append(os.dup(fd if isinstance(fd, int) else fd.fileno()))
-    except BaseException:
-        for fd in dups:
-            os.close(fd)
-        raise
-    return dups
-
-
-def _context(env, cwd, stdio, sys_path, gc_freeze) -> "tuple":
-    """(context, fds, opened fds) for SETUP: a template adopting the caller's context."""
-    import subprocess
-
-    ctx: Dict[str, Any] = {
-        "env": dict(os.environ if env is None else env),
-        "cwd": os.fspath(cwd) if cwd is not None else os.getcwd(),
-        "sys_path": list(sys_path),
-        "gc_freeze": gc_freeze,
-        "stdio": [],
-    }
-    fds: List[Any] = []
-    opened: List[int] = []
-    for target, handle in enumerate(stdio):
-        if handle is None:
-            try:
-                os.fstat(target)
-            except OSError:
-                continue  # the caller's own fd is closed: the template keeps /dev/null
-            handle = target
-        elif handle == subprocess.DEVNULL:
-            fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-            opened.append(fd)
-            handle = fd
-        fd, _ = P.describe_handle(handle)
-        ctx["stdio"].append(target)
-        fds.append(fd)
-    return ctx, fds, opened
-
-
 _live: "weakref.WeakSet[Template]" = weakref.WeakSet()  # templates to end at exit
 _kill_on_exit: "weakref.WeakSet[Child]" = weakref.WeakSet()
+
+
+def default_template() -> Template:
+    """The shared default template of this process, started on first use."""
+    return _default.get(_start_default)
+
+
+def _start_default() -> Template:
+    chan, pid, pidfd = exec_interpreter(sys.executable, dict(os.environ))
+    tpl = Template._from_channel(chan, "the default template", pid)
+    tpl._pidfd = pidfd
+    return tpl
+
+
+def early() -> None:
+    """Fork this program, now, into the default template (AnyEvent::Fork::Early).
+
+    Call it at the very top of your main program, before any thread starts and
+    before big imports or allocations: every later ``Template()`` is cloned
+    from this copy of your program instead of a freshly exec'd interpreter.
+    So no interpreter is started later, and functions defined in your
+    ``__main__`` script can be ``run()`` by name.
+
+    Limits: the copy keeps everything the program had at this point (modules,
+    memory, open fds), so call it early; it must be the first use of
+    forkserver in the process, and the process must be single-threaded.
+    Workers cloned from it end with ``os._exit`` after ``atexit`` callbacks.
+    """
+    from ._server._hygiene import check_single_threaded
+
+    with _default.lock:
+        if _default.template is not None:
+            raise RuntimeError(
+                "forkserver.early() must come before any other use of forkserver in this "
+                "process; call it at the top of your main program"
+            )
+        check_single_threaded(["the program itself (early() must run before threads start)"])
+        chan, pid, pidfd = fork_this_process()
+        tpl = Template._from_channel(chan, "forkserver.early()", pid)
+        tpl._pidfd = pidfd
+        tpl._main_ok = True
+        _default.template = tpl
+
+
+def _at_exit() -> None:
+    """Interpreter exit: templates end (and are reaped); kill_on_exit workers die.
+
+    Other running workers are left running: they are yours, as with subprocess.
+    """
+    for child in list(_kill_on_exit):
+        child.kill()
+        child.wait()
+    for tpl in list(_live):
+        if tpl is not _default.template and tpl._status not in ("running", "closed"):
+            tpl.close()
+    _default.shutdown()
+
+
+atexit.register(_at_exit)

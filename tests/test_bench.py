@@ -51,19 +51,6 @@ def test_bench_quick_writes_every_scenario_with_positive_numbers(tmp_path, capsy
     assert f"bench [1/{1 + len(EXPECTED)}]" in err  # the progress lines
 
 
-def test_bench_times_forkserver_spawn_once_it_exists(tmp_path, monkeypatch, no_leaks):
-    import subprocess
-
-    monkeypatch.setattr(forkserver, "spawn", subprocess.Popen, raising=False)  # a stand-in
-    path = tmp_path / "exec.json"
-    assert main(["bench", "--quick", "--only", "exec", "--rounds", "3", "--json", str(path)]) == 0
-    rows = json.loads(path.read_text())["scenarios"]["exec"]["contenders"]
-    assert [r["contender"] for r in rows][0] == "forkserver.spawn"
-    for row in rows:
-        _check_row("exec", row)
-        assert row["n"] == 3 and row["ratio"] > 0
-
-
 def test_bench_refuses_a_preload_module_that_does_not_exist(capsys, no_leaks):
     assert main(["bench", "--quick", "--preload", "no_such_module_for_bench"]) == 2
     assert "no_such_module_for_bench" in capsys.readouterr().err

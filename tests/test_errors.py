@@ -9,7 +9,10 @@ from forkserver import _errors
 @pytest.mark.parametrize("name", _errors.__all__)
 def test_every_error_survives_a_pickle_round_trip(name):
     cls = getattr(_errors, name)
-    err = cls("something broke on <x>; do y")
+    if name == "CalledProcessError":  # subprocess's signature: (returncode, cmd, output, stderr)
+        err = cls(3, ["prog", "x"], b"out", b"err")
+    else:
+        err = cls("something broke on <x>; do y")
     back = pickle.loads(pickle.dumps(err))
     assert type(back) is cls
     assert back.args == err.args

@@ -188,7 +188,7 @@ unrun.pid
 # both block on the pipe, not on their control socket (whose EOF would end them anyway)
 doomed = base.fork().send_fh(pipe_r).run("tests._workers:wait_on_pipe", die_with_parent=True)
 survivor = base.fork().send_fh(pipe_r).run("tests._workers:wait_on_pipe")
-from forkserver._default import default_template
+from forkserver._template import default_template
 print(json.dumps({"templates": [default_template().pid, base.pid, unrun.pid],
                   "doomed": doomed.pid, "survivor": survivor.pid}), flush=True)
 sys.stdin.read()

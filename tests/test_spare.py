@@ -8,6 +8,7 @@ import signal
 import psutil
 import pytest
 
+import forkserver
 from forkserver import Template
 from forkserver._wait import wait_readable
 
@@ -161,7 +162,7 @@ def test_the_pid_of_a_fork_is_known_while_the_next_spare_waits_for_a_running_wor
 
 def test_a_program_spawned_while_the_next_spare_waits_does_not_make_it_early():
     with _next_spare_waiting() as (tpl, child):
-        assert tpl.spawn(["true"]).wait(20) == 0  # SPAWN leaves the template as it is
+        assert forkserver.spawn(["true"], template=tpl).wait(20) == 0  # SPAWN leaves the template as it is
         assert ours() == {tpl.pid, child.pid}, "the spare still waits for the worker"
 
 
@@ -282,7 +283,7 @@ def test_spawning_a_program_from_a_template_keeps_its_spare():
     with Template().require(W) as tpl:
         assert talk(tpl.fork().send_arg(0).run(f"{W}:echo_args")) == ((0,), 0)
         spare_pid = tpl._spare.pid
-        assert tpl.spawn(["true"]).wait(20) == 0
+        assert forkserver.spawn(["true"], template=tpl).wait(20) == 0
         assert tpl._spare is not None and tpl._spare.pid == spare_pid
         child = tpl.fork().send_arg(1).run(f"{W}:echo_args")
         assert child.pid == spare_pid

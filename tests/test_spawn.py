@@ -112,12 +112,12 @@ def test_bad_arguments_raise_before_anything_starts():
 def test_a_template_stays_usable_after_an_exec_failure():
     with Template() as tpl:
         with pytest.raises(FileNotFoundError):
-            tpl.spawn(["no-such-program-forkserver"])
-        child = tpl.spawn(["sleep", "30"])
+            forkserver.spawn(["no-such-program-forkserver"], template=tpl)
+        child = forkserver.spawn(["sleep", "30"], template=tpl)
         assert psutil.Process(child.pid).ppid() == os.getpid()
         child.kill()
         assert child.wait(20) == -signal.SIGKILL
-        assert tpl.spawn(["true"]).wait(20) == 0
+        assert forkserver.spawn(["true"], template=tpl).wait(20) == 0
 
 
 # -- the program's context -------------------------------------------------------------
@@ -284,7 +284,7 @@ HUGE_LIMIT_PARENT = textwrap.dedent(
     for _ in range(40):
         for name, tpl in (("huge", huge), ("small", small)):
             t0 = time.perf_counter()
-            tpl.spawn(["true"]).wait(30)
+            forkserver.spawn(["true"], template=tpl).wait(30)
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}
     print(json.dumps({"limit": limit, "fds": json.loads(out.stdout), "opened": len(opened),

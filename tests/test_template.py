@@ -404,7 +404,7 @@ def test_close_ends_and_reaps_the_template_and_a_closed_template_refuses_work():
 
 
 def test_the_default_template_is_spawned_once_and_restarted_after_it_dies():
-    from forkserver._default import default_template
+    from forkserver._template import default_template
 
     first = default_template()
     assert default_template() is first
@@ -416,7 +416,7 @@ def test_the_default_template_is_spawned_once_and_restarted_after_it_dies():
 
 
 def test_a_forked_copy_of_the_caller_gets_its_own_default_template():
-    from forkserver._default import default_template
+    from forkserver._template import default_template
 
     from ._helpers import run_in_child, wait_exitcode
 
@@ -624,7 +624,7 @@ def test_the_default_template_ends_and_is_reaped_when_the_program_exits(tmp_path
     script = (
         "import forkserver, os\n"
         "t = forkserver.Template()\n"
-        "from forkserver._default import default_template\n"
+        "from forkserver._template import default_template\n"
         "print(default_template().pid, t.pid, flush=True)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)

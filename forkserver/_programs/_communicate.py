@@ -1,7 +1,7 @@
-"""Running a program to its end: ``Child.communicate`` and ``run_program``.
+"""``Child.communicate`` for programs: feed stdin, collect stdout/stderr, wait.
 
-``communicate`` feeds stdin, collects stdout/stderr and waits, as
-``Popen.communicate``; ``run_program`` is ``subprocess.run`` on top of it.
+As ``Popen.communicate``; ``spawn`` attaches it to the ``Child`` it returns
+(``_run.py``'s ``run_program`` is ``subprocess.run`` on top of it).
 
 One thread, one ``poll`` loop: input is written in ``PIPE_BUF`` pieces when
 stdin is writable (a write of at most ``PIPE_BUF`` bytes to a pipe that
@@ -16,10 +16,7 @@ import os
 import select
 import subprocess
 import time
-from subprocess import PIPE, CompletedProcess
 from typing import Any, Dict, List, Optional, Tuple
-
-from ._spawn import Argv, CalledProcessError, spawn
 
 _PIPE_BUF = select.PIPE_BUF
 _READ = 32768
@@ -111,52 +108,3 @@ def communicate(
     child.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
     out = [None if fd is None else b"".join(state.chunks[fd]) for fd in state.fds]
     return out[0], out[1]
-
-
-def run_program(
-    argv: Argv,
-    *,
-    input: Optional[bytes] = None,
-    capture_output: bool = False,
-    check: bool = False,
-    timeout: Optional[float] = None,
-    **spawn_kwargs: Any,
-) -> "CompletedProcess[bytes]":
-    """Run a program to its end, as ``subprocess.run``; returns a ``CompletedProcess``.
-
-    ``input`` (bytes) is its stdin; ``capture_output=True`` pipes stdout and
-    stderr (or pass ``stdout=PIPE`` etc.).  After ``timeout`` seconds the
-    program is killed and ``subprocess.TimeoutExpired`` raised (with what it
-    had written); ``check=True`` raises ``forkserver.CalledProcessError`` for
-    a non-zero exit.  Other keywords go to ``spawn``.  (Not named ``run``:
-    ``Template.run`` runs a Python function.)
-    """
-    if input is not None:
-        if spawn_kwargs.get("stdin") is not None:
-            raise ValueError("run_program(): stdin and input exclude each other; pass one")
-        spawn_kwargs["stdin"] = PIPE
-    if capture_output:
-        if spawn_kwargs.get("stdout") is not None or spawn_kwargs.get("stderr") is not None:
-            raise ValueError(
-                "run_program(): capture_output excludes stdout and stderr; pass one or the other"
-            )
-        spawn_kwargs["stdout"] = spawn_kwargs["stderr"] = PIPE
-    child = spawn(argv, **spawn_kwargs)
-    try:
-        try:
-            out, err = child.communicate(input, timeout)
-        except subprocess.TimeoutExpired as exc:
-            child.kill()
-            exc.output, exc.stderr = child.communicate()
-            raise
-        except BaseException:
-            child.kill()
-            child.wait()
-            raise
-    finally:
-        child.close()
-    code = child.returncode
-    assert code is not None
-    if check and code:
-        raise CalledProcessError(code, child.args, out, err)
-    return CompletedProcess(child.args, code, out, err)

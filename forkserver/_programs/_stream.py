@@ -20,8 +20,9 @@ import subprocess
 from subprocess import DEVNULL, PIPE, STDOUT
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
-from ._process import Child
-from ._spawn import Argv, CalledProcessError, spawn
+from .._errors import CalledProcessError
+from .._process import Child
+from ._spawn import Argv, spawn
 
 __all__ = ["Stream", "stream"]
 

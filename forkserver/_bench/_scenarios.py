@@ -14,12 +14,11 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
-from . import _bench as B
-from ._bench_workers import bare_fork, settle, start_and_reap, stop_default_template
+from . import _core as B
+from ._workers import bare_fork, settle, start_and_reap, stop_default_template
 
 SCENARIOS = ("start", "back_to_back", "big_parent", "exec", "idle_uss")
 BLOCK = 10  # back_to_back: workers per sample, one right after the other
-NOT_YET = "not available yet (forkserver.spawn has not landed)"
 TRUE = "/bin/true"
 
 # contender names, shared with the report's goals
@@ -65,18 +64,19 @@ class Bench:
 
     def __init__(self, settings: Settings, progress: B.Progress,
                  stack: contextlib.ExitStack) -> None:
-        from . import Template, _default
+        from .. import _default
+        from .._template import Template
 
         self.s, self.progress = settings, progress
         importlib.import_module(settings.preload)  # fails here, loudly, if it is missing
         if _default._default.template is None:  # ours: stop it when done
             stack.callback(stop_default_template)
-        self.tpl = Template().require(settings.preload, "forkserver._bench_workers")
+        self.tpl = Template().require(settings.preload, "forkserver._bench._workers")
         stack.callback(self.tpl.close)
         self.tpl_no_spare = None
         if "back_to_back" in settings.only:
             self.tpl_no_spare = Template(spare=False).require(
-                settings.preload, "forkserver._bench_workers")
+                settings.preload, "forkserver._bench._workers")
             stack.callback(self.tpl_no_spare.close)
         self.helpers: Dict[str, B.Helper] = {}
         for kind, needed in (("fork", ("start", "back_to_back")), ("forkserver", ("big_parent",))):
@@ -100,7 +100,7 @@ class Bench:
         ``settled``: then wait (untimed) until the template's next spare is ready.
         """
         tpl = self.tpl if tpl is None else tpl
-        return B.timed(name, lambda: start_and_reap(tpl, "forkserver._bench_workers:work"),
+        return B.timed(name, lambda: start_and_reap(tpl, "forkserver._bench._workers:work"),
                        (lambda: settle(tpl)) if settled else None)
 
     def mp_work(self, ctx, name: str) -> Callable[[], float]:
@@ -188,14 +188,11 @@ def big_parent(bench: Bench) -> Scenario:
 
 def exec_true(bench: Bench) -> Scenario:
     """Exec of /bin/true and its exit status: forkserver.spawn, subprocess, posix_spawn."""
-    import forkserver
+    from .._programs._spawn import spawn
 
     sc = Scenario("exec", f"exec {TRUE} -> exit status", "ms")
-    spawn = getattr(forkserver, "spawn", None)
-    fs = (B.Contender(FS_SPAWN, B.timed(FS_SPAWN, lambda: _spawn_true(spawn)))
-          if spawn is not None else B.Contender(FS_SPAWN, None, note=NOT_YET))
     sc.contenders = [
-        fs,
+        B.Contender(FS_SPAWN, B.timed(FS_SPAWN, lambda: _spawn_true(spawn))),
         B.Contender(SUBPROCESS, B.timed(SUBPROCESS, lambda: subprocess.run([TRUE]).returncode)),
         B.Contender(POSIX_SPAWN, B.timed(POSIX_SPAWN, _posix_spawn_true)),
     ]

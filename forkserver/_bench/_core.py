@@ -168,10 +168,10 @@ class Progress:
 
 
 class Helper:
-    """A small process running ``_bench_workers.timing_server``: one sample per request."""
+    """A small process running ``_workers.timing_server``: one sample per request."""
 
     def __init__(self, kind: str, preload: str) -> None:
-        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_bench_workers.py")
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_workers.py")
         self.kind = kind
         self.proc = subprocess.Popen([sys.executable, script, kind, preload],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -229,7 +229,7 @@ def idle_uss_forkserver(tpl, count: int) -> List[float]:
     children = []
     try:
         for _ in range(count):
-            children.append(tpl.fork().run("forkserver._bench_workers:idle"))
+            children.append(tpl.fork().run("forkserver._bench._workers:idle"))
         for child in children:  # each says "up" with one byte
             child.control.settimeout(TIMEOUT)
             if child.control.recv(1) != b"r":

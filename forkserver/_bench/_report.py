@@ -7,8 +7,8 @@ import sys
 import time
 from typing import List, Optional
 
-from . import _bench_scenarios as S
-from ._bench import MIB, Contender, summary
+from . import _scenarios as S
+from ._core import MIB, Contender, summary
 
 
 def machine(preload: str) -> dict:

@@ -6,7 +6,7 @@ timing helper processes, which run this file as a script so that the "fork"
 helper does not import the ``forkserver`` package (which makes every later
 ``os.fork`` of that process slower: it would not be the floor we compare
 with).  multiprocessing workers never import this module either (see
-``forkserver._bench``).  The workers do no work: what is measured is the cost
+``forkserver._bench._core``).  The workers do no work: what is measured is the cost
 of getting such a process.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 import time
 
 TIMEOUT = 60.0  # seconds any single wait may take before we call it a hang
-MODULE = "forkserver._bench_workers"  # our name, also when run as a script
+MODULE = "forkserver._bench._workers"  # our name, also when run as a script
 
 
 def work(control) -> None:
@@ -64,7 +64,7 @@ def timing_server(kind: str, preload: str) -> None:
     if kind == "fork":
         once = bare_fork
     elif kind == "forkserver":
-        from forkserver import Template
+        from forkserver._template import Template
 
         tpl = Template().require(preload, MODULE)
 
@@ -137,7 +137,7 @@ def stop_default_template() -> None:
         default._default.shutdown()  # type: ignore[attr-defined]
 
 
-if __name__ == "__main__":  # python .../forkserver/_bench_workers.py KIND PRELOAD
-    # sys.path[0] is forkserver/ itself: put the directory that holds it there.
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __name__ == "__main__":  # python .../forkserver/_bench/_workers.py KIND PRELOAD
+    # sys.path[0] is forkserver/_bench/ itself: put the directory that holds forkserver/ there.
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     timing_server(sys.argv[1], sys.argv[2])

@@ -17,11 +17,14 @@ import subprocess
 from subprocess import DEVNULL, PIPE, STDOUT
 from typing import IO, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from . import _protocol as P
-from ._errors import BrokenChannelError, BrokenTemplateError, ForkserverError, ProtocolError
-from ._fds import HEADER, STAGE_CWD, STAGE_EXEC, STAGE_FDS, STAGE_SESSION
-from ._process import Child
-from ._wait import open_pidfd
+from .. import _protocol as P
+from .._errors import BrokenChannelError, BrokenTemplateError, CalledProcessError, ProtocolError  # noqa: F401 - re-exported
+from .._fds import HEADER, STAGE_CWD, STAGE_EXEC, STAGE_FDS, STAGE_SESSION
+from .._process import Child
+from .._template import Template, default_template
+from .._default import _default
+from .._wait import open_pidfd
+from ._communicate import communicate
 
 __all__ = ["CalledProcessError", "spawn"]
 
@@ -49,14 +52,6 @@ _STAGES = {
     STAGE_FDS: "placing its file descriptors",
     STAGE_CWD: "changing to its working directory",
 }
-
-
-class CalledProcessError(subprocess.CalledProcessError, ForkserverError):
-    """A program exited with a non-zero status; ``except`` it as either base class.
-
-    ``returncode`` (negative: killed by that signal), ``cmd``, and the
-    captured ``output``/``stderr`` when there were any.
-    """
 
 
 class _Plan:
@@ -275,8 +270,6 @@ def read_reply(tpl: Any, r: int, close: bool = True) -> Tuple[int, bytes]:
 
 
 def _template_died(tpl: Any) -> None:
-    from ._default import _default
-
     with tpl._lock:
         if tpl._status not in ("broken", "closed"):
             err = tpl._broken(BrokenChannelError("no reply to spawn"), "spawn")
@@ -301,9 +294,11 @@ def finish(plan: _Plan, kind: int, payload: bytes) -> Child:
         None if fd is None else open(fd, "wb" if i == 0 else "rb") for i, fd in enumerate(plan.ours)
     ]
     plan.ours = [None, None, None]  # owned by the file objects now
-    return Child(
+    child = Child(
         pid, None, pidfd=pidfd, args=plan.args, stdin=files[0], stdout=files[1], stderr=files[2]
     )
+    child._communicate = communicate
+    return child
 
 
 def _exec_error(plan: _Plan, err: int, stage: int) -> OSError:
@@ -323,8 +318,6 @@ def spawn_from(tpl: Any, plan: _Plan, retry_default: bool = False) -> Child:
     ``retry_default``: ``tpl`` is the default template; if it turns out dead
     before anything reached it, start a new one and send once more.
     """
-    from ._default import default_template
-
     try:
         try:
             r = send(tpl, plan)
@@ -378,6 +371,7 @@ def spawn(
     pass_fds: Sequence[int] = (),
     start_new_session: bool = False,
     process_group: Optional[int] = None,
+    template: Optional[Template] = None,
 ) -> Child:
     """Start the program ``argv`` (a list; no shell) from the default template.
 
@@ -389,11 +383,14 @@ def spawn(
     directory; the program gets fds 0-2 and ``pass_fds`` (same numbers) and
     nothing else.  A program that cannot be executed raises the real
     ``OSError`` here (``FileNotFoundError`` with ``filename``, ...).
-    ``Template.spawn`` does the same from a given template.
+    ``template=t`` starts it from the template ``t`` instead (it stays usable:
+    spawning leaves a template as it was); the program still takes *your*
+    environment, directory and stdio unless overridden -- the template only
+    provides the cheap process creation.
     """
-    from ._default import default_template
-
     plan = prepare(
         argv, stdin, stdout, stderr, env, cwd, pass_fds, start_new_session, process_group
     )
+    if template is not None:
+        return spawn_from(template, plan)
     return spawn_from(default_template(), plan, retry_default=True)

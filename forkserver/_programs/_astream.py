@@ -11,26 +11,27 @@ import os
 import subprocess
 from typing import Any, List, Optional, Tuple
 
+from .. import _async
+from .._async import AsyncChild, _any_ready, _fd_ready
+from .._errors import BrokenTemplateError, CalledProcessError
+from .._process import Child
+from .._template import Template, default_template
 from . import _spawn
-from ._errors import BrokenTemplateError
-from ._process import Child
-from ._spawn import CalledProcessError
 from ._stream import CLOSE_GRACE, STOP_GRACE, _Pump, input_source, spawn_args
-from .aio import AsyncChild, _any_ready, _fd_ready
 
 __all__ = ["AsyncStream", "spawn", "stream"]
 
 
-async def spawn(argv: Any, **kwargs: Any) -> AsyncChild:
+async def spawn(argv: Any, *, template: Optional[Template] = None, **kwargs: Any) -> AsyncChild:
     """``forkserver.spawn`` without blocking the loop on the template's reply."""
-    from ._default import default_template
-
     plan = _spawn.prepare(argv, **kwargs)
     try:
-        tpl = default_template()
+        tpl = default_template() if template is None else template
         try:
             r = _spawn.send(tpl, plan)
         except BrokenTemplateError:  # it had died; nothing reached it
+            if template is not None:
+                raise
             tpl = default_template()
             r = _spawn.send(tpl, plan)
         for fd in plan.close_after_send:

@@ -1,0 +1,65 @@
+"""The caller's context a new template adopts (parent side; DESIGN rule 4).
+
+``Template()`` takes the caller's *current* environment, working directory,
+``sys.path`` and stdio fds 0-2 at the moment it is called; keyword
+arguments override each.  This module turns them into the ``SETUP``
+command's payload and fds.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Sequence, Tuple
+
+from . import _protocol as P
+
+DEVNULL = -3  # subprocess.DEVNULL, without importing subprocess into every caller
+
+
+def dup_all(fds: Sequence[Any]) -> List[int]:
+    """Duplicates of ``fds`` (ints or objects with fileno()), all or none."""
+    dups: List[int] = []
+    try:
+        for fd in fds:
+            dups.append(os.dup(fd if isinstance(fd, int) else fd.fileno()))
+    except BaseException:
+        for fd in dups:
+            os.close(fd)
+        raise
+    return dups
+
+
+def caller_context(env, cwd, stdio, sys_path, gc_freeze) -> Tuple[Dict[str, Any], List[Any], List[int]]:
+    """(context, fds, opened fds) for SETUP: a template adopting the caller's context.
+
+    ``opened``: fds opened here (``/dev/null`` for ``DEVNULL``), to be closed
+    once the command is sent.
+    """
+    ctx: Dict[str, Any] = {
+        "env": dict(os.environ if env is None else env),
+        "cwd": os.fspath(cwd) if cwd is not None else os.getcwd(),
+        "sys_path": list(sys_path),
+        "gc_freeze": gc_freeze,
+        "stdio": [],
+    }
+    fds: List[Any] = []
+    opened: List[int] = []
+    try:
+        for target, handle in enumerate(stdio):
+            if handle is None:
+                try:
+                    os.fstat(target)
+                except OSError:
+                    continue  # the caller's own fd is closed: the template keeps /dev/null
+                handle = target
+            elif handle == DEVNULL and not isinstance(handle, bool):
+                fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+                opened.append(fd)
+                handle = fd
+            fd, _ = P.describe_handle(handle)
+            ctx["stdio"].append(target)
+            fds.append(fd)
+    except BaseException:
+        for fd in opened:
+            os.close(fd)
+        raise
+    return ctx, fds, opened
