@@ -14,6 +14,8 @@ from ._wait import open_pidfd, reap_now, wait_readable
 class Child:
     """A process started by ``Template.run`` or ``spawn``: your direct child.
 
+    You do not make one yourself: ``run`` and ``spawn`` return it.  ``pid``
+    and ``returncode`` (None until the process is reaped) are attributes.
     For a worker, ``control`` is the process's end of its command socket
     turned control socket (non-blocking, close-on-exec here; the worker got
     the other end as its first argument).  For a program (``spawn``),
