@@ -11,10 +11,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # bench_chart
 sys.path.insert(0, os.path.dirname(HERE))  # forkserver, when it is not installed
 
+import bench_chart  # noqa: E402
+
 import forkserver  # noqa: E402
 from forkserver._bench._cli import TYPICAL_RUN  # noqa: E402
-
-import bench_chart  # noqa: E402
 
 project = "forkserver"
 author = "the forkserver developers"

@@ -60,7 +60,7 @@ def _do_setup(state: State, frame: Frame) -> None:
 def _do_require(state: State, frame: Frame) -> None:
     names = P.loads(frame.payload)
     for name in names:
-        import_checked(state, f"require({name!r})", lambda: importlib.import_module(name))
+        import_checked(state, f"require({name!r})", lambda: importlib.import_module(name))  # noqa: B023 - called at once
 
 
 def _do_eval(state: State, frame: Frame) -> None:
