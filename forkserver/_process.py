@@ -49,7 +49,7 @@ class Child:
         # Set by the program path (forkserver._programs), which owns the pipes:
         # this layer does not import the rooms above it.
         self._communicate: Optional[Callable[..., Tuple[Optional[bytes], Optional[bytes]]]] = None
-        #: used by ``with child:`` when the block ends normally
+        #: ``with child:`` raises ``CalledProcessError`` for a non-zero exit (``run(check=True)``)
         self.check = check
         self.exit_timeout = exit_timeout
         self.returncode: Optional[int] = None
