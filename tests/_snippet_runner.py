@@ -27,7 +27,7 @@ def _left_running() -> None:
     kids = [p for p in me.children() if _alive(p)]
     if not kids:
         return
-    gone, alive = psutil.wait_procs(kids, timeout=5)  # a worker may be on its way out
+    _, alive = psutil.wait_procs(kids, timeout=2)  # a worker may be on its way out
     if alive:
         names = ", ".join(f"{p.pid} {p.cmdline()!r}" for p in alive if _alive(p))
         print(f"snippets: the page left processes running: {names}; wait for them or stop "
