@@ -7,7 +7,7 @@ multiprocessing forkserver with the module preloaded, multiprocessing spawn
 (n/10 samples), and ``os.fork`` in a small process with the module (the
 floor); with ``--parent-mib`` also the same from this process holding that
 much memory (forkserver vs a small helper's forkserver vs ``os.fork`` here).
-Then the USS of idle workers, and the goals of DESIGN.md on this run.
+Then the USS of idle workers, and the goals of docs/benchmarks.md on this run.
 
 Run:
     python benchmarks/spawn.py                    # --n 200, about 15 s

@@ -1,4 +1,4 @@
-"""The caller's context a new template adopts (parent side; DESIGN rule 4).
+"""The caller's context a new template adopts (parent side; docs/design.md, "Processes").
 
 ``Template()`` takes the caller's *current* environment, working directory,
 ``sys.path`` and stdio fds 0-2 at the moment it is called; keyword

@@ -14,6 +14,8 @@ from ._wait import open_pidfd, reap_now, wait_readable
 class Child:
     """A process started by ``Template.run`` or ``spawn``: your direct child.
 
+    You do not make one yourself: ``run`` and ``spawn`` return it.  ``pid``
+    and ``returncode`` (None until the process is reaped) are attributes.
     For a worker, ``control`` is the process's end of its command socket
     turned control socket (non-blocking, close-on-exec here; the worker got
     the other end as its first argument).  For a program (``spawn``),
@@ -47,7 +49,7 @@ class Child:
         # Set by the program path (forkserver._programs), which owns the pipes:
         # this layer does not import the rooms above it.
         self._communicate: Optional[Callable[..., Tuple[Optional[bytes], Optional[bytes]]]] = None
-        #: used by ``with child:`` when the block ends normally
+        #: ``with child:`` raises ``CalledProcessError`` for a non-zero exit (``run(check=True)``)
         self.check = check
         self.exit_timeout = exit_timeout
         self.returncode: Optional[int] = None

@@ -64,7 +64,7 @@ NAMES = {
 }  # fmt: skip
 
 # Standard thread-pool limits applied while a template imports or evaluates
-# (DESIGN.md rule 5): libraries size their pools from these at load time.
+# (docs/design.md): libraries size their pools from these at load time.
 THREAD_LIMIT_VARS = (
     "OMP_NUM_THREADS",
     "OPENBLAS_NUM_THREADS",

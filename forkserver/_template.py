@@ -20,11 +20,11 @@ import weakref
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from . import _protocol as P
-from ._errors import BrokenChannelError, BrokenTemplateError, ClosedError, ProtocolError
 from ._boot import exec_interpreter, fork_this_process
 from ._cloning import Cloning
 from ._context import caller_context, dup_all
 from ._default import _default
+from ._errors import BrokenChannelError, BrokenTemplateError, ClosedError, ProtocolError
 from ._fds import FdChannel, Frame
 from ._process import Child
 from ._wait import ReapedElsewhere, open_pidfd, reap, wait_channel

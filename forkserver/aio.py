@@ -1,5 +1,7 @@
 """asyncio support: await templates and children without blocking the event loop.
 
+In a coroutine::
+
     import forkserver.aio as aio
 
     tpl = await aio.require(forkserver.Template(), "mymod")

@@ -73,8 +73,13 @@ def test_async_with_waits_on_success_checks_and_stops_on_error():
                     assert child.control.recv(1) == b"r"
                     raise KeyError("x")
             assert child.returncode == -15
+            late = await aio.run(tpl.fork(), f"{W}:ready_then_wait")
             with pytest.raises(subprocess.TimeoutExpired):
-                await (await aio.run(tpl.fork(), f"{W}:ready_then_wait")).wait(0.05)
+                await late.wait(0.05)
+            late.control.setblocking(True)
+            assert late.control.recv(1) == b"r"
+            late.control.close()  # EOF: the worker ends
+            assert await late.wait(20) == 0
 
     asyncio.run(main())
 

@@ -137,7 +137,9 @@ def lifecycles(count):
                 assert child.wait(20) == 0
                 child.control.close()
             elif mode == 1:
-                base.fork().run(f"{W}:return_quietly")  # dropped at once, still running
+                # dropped at once, still running (our end of its socket closed first:
+                # the socket is ours to close, the process the reaper's to reap)
+                base.fork().run(f"{W}:return_quietly").close()
             else:
                 base.fork().pid  # an un-run template, dropped after it exists
     gc.collect()
@@ -293,7 +295,7 @@ def test_at_exit_templates_end_kill_on_exit_workers_die_and_others_keep_running(
 def test_the_reaper_thread_ends_once_every_dropped_process_is_reaped(tpl):
     import threading
 
-    tpl.fork().run(f"{W}:return_quietly")  # dropped while running
+    tpl.fork().run(f"{W}:return_quietly").close()  # dropped while running
     gc.collect()
     assert reaper.wait_idle(20)
     assert [t.name for t in threading.enumerate() if t.name == "forkserver-reaper"] == []
@@ -308,6 +310,6 @@ def test_a_dropped_child_reaped_by_a_waitpid_of_ours_does_not_stop_the_reaper(tp
         control.close()  # the worker exits...
         os.waitpid(pid, 0)  # ...and the application's own waitpid reaps it first
     assert reaper.wait_idle(20), "the reaper thread died or still waits"
-    tpl.fork().run(f"{W}:return_quietly")  # the next dropped child is still reaped
+    tpl.fork().run(f"{W}:return_quietly").close()  # the next dropped child is still reaped
     gc.collect()
     assert reaper.wait_idle(20)

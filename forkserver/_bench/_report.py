@@ -69,7 +69,7 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 
 
 def goals(scenarios: List[S.Scenario], settings: S.Settings) -> List[dict]:
-    """The goals of DESIGN.md ("Numbers to beat"), evaluated on this run's medians."""
+    """The project's goals (docs/benchmarks.md, "Goals"), evaluated on this run's medians."""
     def m(key: str, name: str) -> Optional[float]:
         return _median(scenarios, key, name)
 
@@ -127,7 +127,7 @@ def table(scenarios: List[S.Scenario], info: dict, goal_list: List[dict]) -> str
               "  (> 1: forkserver is faster or smaller). n = samples (USS: workers).",
               "Contenders of a scenario are interleaved round-robin after a warm-up."]
     lines += [f"{sc.key}: {note}" for sc in scenarios for note in sc.notes]
-    lines += ["", 'goals (DESIGN.md "Numbers to beat"), computed from this run:']
+    lines += ["", 'goals (docs/benchmarks.md, "Goals"), computed from this run:']
     lines += [_goal_line(g) for g in goal_list]
     lines.append(f"  {'fd passing >= 100k fds/s':<58}{'-':>10}  not measured here "
                  "(python benchmarks/fdpass.py)")

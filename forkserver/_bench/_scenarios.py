@@ -230,7 +230,8 @@ def idle_uss(bench: Bench) -> Scenario:
     return sc
 
 
-RUNNERS = {"start": start, "back_to_back": back_to_back, "big_parent": big_parent, "exec": exec_true, "idle_uss": idle_uss}
+RUNNERS = {"start": start, "back_to_back": back_to_back, "big_parent": big_parent, "exec": exec_true,
+           "idle_uss": idle_uss}
 TITLES = {"start": "worker start -> ran -> reaped", "back_to_back": "workers back to back",
           "big_parent": "the same from a big parent",
           "exec": f"exec {TRUE}", "idle_uss": "idle worker USS"}

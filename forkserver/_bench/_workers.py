@@ -123,7 +123,7 @@ def settle(tpl) -> None:
     """
     spare = tpl._spare
     if spare is not None:
-        spare.pid  # reads its greeting
+        _ = spare.pid  # reads its greeting
 
 
 def stop_default_template() -> None:

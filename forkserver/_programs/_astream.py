@@ -11,7 +11,6 @@ import os
 import subprocess
 from typing import Any, List, Optional, Tuple
 
-from .. import _async
 from .._async import AsyncChild, _any_ready, _fd_ready
 from .._errors import BrokenTemplateError, CalledProcessError
 from .._process import Child

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import select
-import subprocess
 import time
 from typing import Any, Dict, List, Optional, Tuple
 

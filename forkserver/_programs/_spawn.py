@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 from subprocess import DEVNULL, PIPE, STDOUT
 from typing import IO, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .. import _protocol as P
+from .._default import _default
 from .._errors import BrokenChannelError, BrokenTemplateError, CalledProcessError, ProtocolError  # noqa: F401 - re-exported
 from .._fds import HEADER, STAGE_CWD, STAGE_EXEC, STAGE_FDS, STAGE_SESSION
 from .._process import Child
 from .._template import Template, default_template
-from .._default import _default
 from .._wait import open_pidfd
 from ._communicate import communicate
 

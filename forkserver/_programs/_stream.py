@@ -310,9 +310,11 @@ class Stream:
         """Stop reading: a program that had not finished its output is stopped and reaped.
 
         Our ends of its pipes are closed first (a writer gets SIGPIPE), then
-        it gets ``CLOSE_GRACE`` seconds, then ``Child.stop()``.  A program
-        whose output had ended is only waited for (``timeout``): it is about
-        to exit by itself.  Idempotent; never raises for the exit status.
+        it gets a second to exit, then ``Child.stop()`` (SIGTERM, SIGKILL).
+        A program whose output had ended is only waited for (``timeout``):
+        it is about to exit by itself.  ``stop_now=True`` skips the grace:
+        the program is stopped at once, even one whose output had ended.
+        Idempotent; never raises for the exit status.
         """
         if self._closed:
             return

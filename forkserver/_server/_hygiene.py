@@ -1,4 +1,4 @@
-"""Template hygiene (DESIGN.md rule 5): thread-pool limits, the thread check, titles.
+"""Template hygiene (docs/design.md): thread-pool limits, the thread check, titles.
 
 ``fork_sibling`` is a raw ``clone``: glibc's ``pthread_atfork`` handlers do
 not run, so a template may only fork while it is single-threaded.  Libraries

@@ -14,6 +14,7 @@ from __future__ import annotations
 # ~90 faults, 0.26 ms).  ``_signal`` is ``signal`` without the enum wrappers.
 import _signal
 import atexit
+import functools
 import gc
 import importlib
 import itertools
@@ -60,7 +61,7 @@ def _do_setup(state: State, frame: Frame) -> None:
 def _do_require(state: State, frame: Frame) -> None:
     names = P.loads(frame.payload)
     for name in names:
-        import_checked(state, f"require({name!r})", lambda: importlib.import_module(name))
+        import_checked(state, f"require({name!r})", functools.partial(importlib.import_module, name))
 
 
 def _do_eval(state: State, frame: Frame) -> None:

@@ -1,0 +1,1 @@
+"""A stand-in for "your package" in the documentation's snippets (tests/snippets/README.md)."""
