@@ -555,20 +555,35 @@ def early() -> None:
     forkserver in the process, and the process must be single-threaded.
     Workers cloned from it end with ``os._exit`` after ``atexit`` callbacks.
     """
-    from ._server._hygiene import check_single_threaded
-
     with _default.lock:
         if _default.template is not None:
             raise RuntimeError(
                 "forkserver.early() must come before any other use of forkserver in this "
                 "process; call it at the top of your main program"
             )
-        check_single_threaded(["the program itself (early() must run before threads start)"])
+        _check_early_single_threaded()
         chan, pid, pidfd = fork_this_process()
         tpl = Template._from_channel(chan, "forkserver.early()", pid)
         tpl._pidfd = pidfd
         tpl._main_ok = True
         _default.template = tpl
+
+
+def _check_early_single_threaded() -> None:
+    """early() forks the caller itself: refuse, in the caller's terms, if it has threads."""
+    from ._errors import ThreadedTemplateError
+    from ._server._hygiene import thread_count, thread_names
+
+    count = thread_count()
+    if count > 1:
+        raise ThreadedTemplateError(
+            f"forkserver.early() must be called before any thread starts, and this program "
+            f"already runs {count} threads ({'; '.join(thread_names())}): a fork of it would "
+            "keep locks held by threads that do not exist in the copy. Call early() at the "
+            "very top of your main program, before the imports or code that start threads; "
+            "or do without early(): Template() works from a threaded program (it clones a "
+            "freshly started interpreter instead)"
+        )
 
 
 def _at_exit() -> None:

@@ -46,6 +46,7 @@ def do_fork(state: State, frame: Frame) -> Optional[Work]:
     extra: List[Any] = []
     handles: List[Any] = []  # the fd-owning items of extra
     func = None
+    what = "fork()"  # the step an error is reported for
     try:
         if state.broken is not None:
             raise _Refused(state.broken)
@@ -55,7 +56,9 @@ def do_fork(state: State, frame: Frame) -> Optional[Work]:
             extra, handles = _decode_prelude(prelude, frame.fds[1:])
         if run is not None:
             module_name, qualname, opts = run
+            what = f"run('{module_name}:{qualname}')"
             func = resolve_target(state, module_name, qualname)
+            what = "fork()"
             # The clone inherits our name: no /proc write on its side.
             set_title("fs:" + getattr(func, "__name__", "worker"))
             opts = dict(opts, titled=True)
@@ -74,7 +77,7 @@ def do_fork(state: State, frame: Frame) -> Optional[Work]:
         if func is not None:
             set_title("fs:template")
         close_handles(handles)
-        payload = exc.args[0] if isinstance(exc, _Refused) else P.encode_error(exc, "fork()")
+        payload = exc.args[0] if isinstance(exc, _Refused) else P.encode_error(exc, what)
         new_chan.send(P.ERROR, payload)
         new_chan.close()
         return None

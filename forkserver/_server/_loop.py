@@ -15,7 +15,6 @@ from __future__ import annotations
 import _signal
 import atexit
 import gc
-import importlib
 import itertools
 import linecache
 import os
@@ -30,6 +29,7 @@ from .._fds import FdChannel, Frame, drop_reserve
 from ._exec import do_spawn
 from ._fork import do_fork
 from ._hygiene import set_title, watch_parent
+from ._namespace import bind_import, refresh_import_caches
 from ._state import State, Work, flush_std, greet, import_checked, resolve
 
 _eval_counter = itertools.count(1)
@@ -50,7 +50,7 @@ def _do_setup(state: State, frame: Frame) -> None:
         os.chdir(ctx["cwd"])
     if ctx.get("sys_path") is not None:
         sys.path[:] = ctx["sys_path"]
-        importlib.invalidate_caches()
+        refresh_import_caches()
     if "gc_freeze" in ctx:
         state.gc_freeze = ctx["gc_freeze"]
         if not state.gc_freeze:
@@ -60,7 +60,7 @@ def _do_setup(state: State, frame: Frame) -> None:
 def _do_require(state: State, frame: Frame) -> None:
     names = P.loads(frame.payload)
     for name in names:
-        import_checked(state, f"require({name!r})", lambda: importlib.import_module(name))
+        import_checked(state, f"require({name!r})", lambda: bind_import(state.namespace, name))
 
 
 def _do_eval(state: State, frame: Frame) -> None:
