@@ -53,7 +53,7 @@ def test_a_new_template_finds_a_module_written_just_before_in_a_new_directory(tm
 PROBE = textwrap.dedent(
     """
     import importlib.machinery, os, sys
-    from forkserver._server._namespace import refresh_import_caches
+    from forkserver._server._setup import refresh_import_caches
 
     sys.path_importer_cache["/no/such/dir"] = None      # a "not a directory" entry
     sys.path_importer_cache["relative/entry"] = None

@@ -23,6 +23,7 @@ from .._errors import BrokenChannelError
 from .._fds import HEADER, FdChannel, Frame, fork_sibling
 from ._exec import do_spawn
 from ._hygiene import check_single_threaded, set_title
+from ._setup import rehearse_setup
 from ._state import State, Work, flush_std, greet, resolve, resolve_target
 
 _SIGINT = int(signal.SIGINT)
@@ -120,6 +121,8 @@ def _rehearse(state: State) -> None:
     """Walk a worker's start-up and exit path once, unless a command is waiting."""
     if _peek(state.chan.sock) is not None:
         return  # a command is waiting (serve it first), or EOF / an error the loop reports
+    if not state.set_up:  # a spare of the default template: Template() sends SETUP first
+        rehearse_setup(state)
     resolve(state, _REHEARSAL)
     set_title("fs:template")
     _signal.signal(_SIGINT, _signal.SIG_IGN)

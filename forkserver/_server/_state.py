@@ -24,6 +24,7 @@ class State:
         self.broken: Optional[bytes] = None  # encoded first error of a pipelined command
         self.culprits: List[str] = []  # require/eval calls that started threads
         self.gc_freeze = True
+        self.set_up = False  # True once a SETUP gave it a caller's context (_setup.py)
         # True from a thread check that found one thread until the next
         # command other than a bare FORK: nothing else runs code that could
         # start a thread, so the spare clones asked for in a row skip it.
