@@ -81,3 +81,27 @@ def test_refreshing_the_import_caches_drops_stale_entries_without_importing_meta
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
     )
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_templates_are_still_made_after_the_default_templates_directory_was_removed(tmp_path):
+    # The default template's spares rehearse SETUP with its own directory: gone, it must not matter.
+    script = textwrap.dedent(
+        """
+        import os, tempfile, forkserver
+        gone = tempfile.mkdtemp(dir=os.environ["WHERE"])
+        os.chdir(gone)
+        forkserver.Template().close()   # the default template starts in `gone`
+        os.chdir("/")
+        os.rmdir(gone)
+        for _ in range(3):
+            with forkserver.Template() as t:
+                t.eval("x = 1")
+                t.fork().close()
+        print("ok")
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "WHERE": str(tmp_path), "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert out.stdout.strip() == "ok", out.stderr

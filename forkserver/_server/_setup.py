@@ -48,10 +48,14 @@ def rehearse_setup(state) -> None:
     For spares of a template that never had a SETUP (the default
     template's, which ``Template()`` takes): their next command is one.
     """
-    own = {"env": dict(os.environ), "cwd": os.getcwd(), "sys_path": list(sys.path),
-           "gc_freeze": state.gc_freeze, "stdio": []}
-    do_setup(state, Frame(P.SETUP, P.dumps(own), []))
-    state.set_up = False  # still the default template's context, not a caller's
+    try:
+        own = {"env": dict(os.environ), "cwd": os.getcwd(), "sys_path": list(sys.path),
+               "gc_freeze": state.gc_freeze, "stdio": []}
+        do_setup(state, Frame(P.SETUP, P.dumps(own), []))
+    except Exception:
+        pass  # only a warm-up (our directory may have been removed, say): the real one reports
+    finally:
+        state.set_up = False  # still the default template's context, not a caller's
 
 
 def adopt_environ(env: dict) -> None:
