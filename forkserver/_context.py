@@ -84,5 +84,6 @@ def _bad_stdio(target: int, handle: int) -> str:
             f"or an fd, or use forkserver.spawn(..., {name}=PIPE) for a program"
         )
     if handle == STDOUT:
-        return f"Template({name}=subprocess.STDOUT): STDOUT is only valid for stderr (stderr=STDOUT)"
+        return (f"Template({name}=subprocess.STDOUT): STDOUT is only valid for stderr "
+                "(stderr=STDOUT)")
     return f"Template({name}={handle}): not an fd; pass a file, a socket, an fd >= 0 or DEVNULL"

@@ -134,7 +134,9 @@ def decode_error(payload: bytes) -> BaseException:
 
 
 def split_target(target: Union[str, Callable[..., Any]], main_ok: bool = False) -> Tuple[str, str]:
-    """``"pkg.mod:func"``, ``"pkg.mod.func"``, ``"func"`` or a module-level function → (module, qualname).
+    """A run() target → (module, qualname).
+
+    ``"pkg.mod:func"``, ``"pkg.mod.func"``, ``"func"`` or a module-level function.
 
     A bare name is a function of the template's namespace module
     (``NAMESPACE``: what ``require`` bound and ``eval`` defined).

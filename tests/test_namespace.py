@@ -45,7 +45,9 @@ def test_the_readme_idiom_require_then_eval_a_model_that_workers_read(tmp_path, 
     assert (got, code) == ([{"weights": "weights.bin"}], 0)
 
 
-@pytest.mark.parametrize("target", ["handler", "forkserver.template:handler", "forkserver.template.handler"])
+@pytest.mark.parametrize(
+    "target", ["handler", "forkserver.template:handler", "forkserver.template.handler"]
+)
 def test_a_function_defined_by_eval_runs_in_a_fork_by_its_name(target):
     with Template() as tpl:
         tpl.eval(HANDLER)

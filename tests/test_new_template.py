@@ -37,7 +37,9 @@ def test_a_new_template_imports_no_module_its_default_template_lacks():
     assert sorted(set(after) - set(before)) == []
 
 
-def test_a_new_template_finds_a_module_written_just_before_in_a_new_directory(tmp_path, monkeypatch):
+def test_a_new_template_finds_a_module_written_just_before_in_a_new_directory(
+    tmp_path, monkeypatch
+):
     default_template().pid  # started before the directory exists
     Template().close()
     fresh = tmp_path / "made_later"

@@ -1,4 +1,4 @@
-"""``spawn``/``run_program``/``Child`` against ``subprocess``: text mode, bufsize, executable, timeouts.
+"""``spawn``/``run_program``/``Child`` as ``subprocess``: text mode, bufsize, executable, timeouts.
 
 Adapted, in our own words, from CPython's ``Lib/test/test_subprocess.py``
 (3.13): the parts about the options ``spawn`` shares with ``Popen`` --
@@ -55,7 +55,8 @@ PY = sys.executable
 BINARY_WRITER = (  # writes mixed line endings to its binary stdout
     "import sys\n"
     "buf = sys.stdout.buffer\n"
-    "for piece in (b'line2\\n', b'line4\\n', b'line5\\r\\n', b'line6\\r', b'\\nline7', b'\\nline8'):\n"
+    "pieces = (b'line2\\n', b'line4\\n', b'line5\\r\\n', b'line6\\r', b'\\nline7', b'\\nline8')\n"
+    "for piece in pieces:\n"
     "    buf.write(piece); buf.flush()\n"
 )
 
@@ -140,7 +141,9 @@ def test_communicate_in_text_mode_with_all_three_pipes():
         sys.stderr.buffer.write(b"eline6\\reline7\\r\\nz")
         """
     )
-    child = forkserver.spawn(py(code), stdin=PIPE, stdout=PIPE, stderr=PIPE, universal_newlines=True)
+    child = forkserver.spawn(
+        py(code), stdin=PIPE, stdout=PIPE, stderr=PIPE, universal_newlines=True
+    )
     out, err = child.communicate("line1\nline3\n", timeout=30)
     assert child.returncode == 0
     assert out == "line1\nline2\nline3\nline4\nline5\n"
@@ -168,7 +171,8 @@ def test_the_errors_handler_decodes_bad_bytes(errors, expected):
 
 
 @pytest.mark.parametrize(
-    "options", [{"text": True}, {"universal_newlines": True}, {"encoding": "utf-8", "errors": "ignore"}]
+    "options",
+    [{"text": True}, {"universal_newlines": True}, {"encoding": "utf-8", "errors": "ignore"}],
 )
 def test_run_program_in_text_mode_without_input_gives_empty_stdin_and_str_output(options):
     done = forkserver.run_program(
@@ -278,7 +282,8 @@ def test_bufsize_1_in_binary_mode_warns_and_keeps_the_default_buffer():
 
 
 def test_an_unbuffered_stdout_leaves_unread_bytes_in_the_pipe_for_select():
-    with forkserver.spawn(py("import sys; sys.stdout.write('apple')"), stdout=PIPE, bufsize=0) as child:
+    code = "import sys; sys.stdout.write('apple')"
+    with forkserver.spawn(py(code), stdout=PIPE, bufsize=0) as child:
         assert child.stdout.read(4) == b"appl"
         assert child.stdout in select.select([child.stdout], [], [], 10)[0]
 
@@ -336,7 +341,9 @@ def test_communicate_after_a_timeout_goes_on_and_returns_everything():
         "sys.stderr.write('pear\\n')\n"
         "sys.stdout.write(sys.stdin.read())\n"
     )
-    child = forkserver.spawn(py(code), universal_newlines=True, stdin=PIPE, stdout=PIPE, stderr=PIPE)
+    child = forkserver.spawn(
+        py(code), universal_newlines=True, stdin=PIPE, stdout=PIPE, stderr=PIPE
+    )
     with pytest.raises(subprocess.TimeoutExpired) as info:
         child.communicate("banana", timeout=0.3)
     assert info.value.timeout == 0.3
@@ -345,7 +352,11 @@ def test_communicate_after_a_timeout_goes_on_and_returns_everything():
 
 
 def test_communicate_times_out_while_output_flows_and_loses_none_of_it():
-    code = "import sys, time\nfor _ in range(4):\n    sys.stdout.write('a' * 65536); sys.stdout.flush(); time.sleep(0.2)\n"
+    code = (
+        "import sys, time\n"
+        "for _ in range(4):\n"
+        "    sys.stdout.write('a' * 65536); sys.stdout.flush(); time.sleep(0.2)\n"
+    )
     child = forkserver.spawn(py(code), stdout=PIPE)
     with pytest.raises(subprocess.TimeoutExpired) as info:
         child.communicate(timeout=0.4)
@@ -469,3 +480,17 @@ def test_an_exit_status_lost_to_sigchld_sig_ign_raises_a_public_error_naming_it(
     for first, message in (lines[:2], lines[2:]):
         assert first == "forkserver._errors True"
         assert "SIGCHLD is SIG_IGN" in message and "SIG_DFL" in message
+
+
+def test_aio_spawn_takes_the_same_text_options():
+    import asyncio
+
+    import forkserver.aio as aio
+
+    async def main():
+        child = await aio.spawn(["printf", "a\\r\\nb"], stdout=PIPE, text=True)
+        out = child.stdout.read()
+        return out, await child.wait(timeout=30)
+
+    out, code = asyncio.run(main())
+    assert (out, code) == ("a\nb", 0)

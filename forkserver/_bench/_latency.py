@@ -27,7 +27,8 @@ from ._workers import MODULE, settle
 if TYPE_CHECKING:  # pragma: no cover
     from ._scenarios import Bench
 
-FS, FS_FORK, FS_EXEC = "forkserver Template()", "a fork() of a ready template", "Template.new_exec()"
+FS, FS_FORK = "forkserver Template()", "a fork() of a ready template"
+FS_EXEC = "Template.new_exec()"
 RAN_FS, RAN_MP, RAN_FLOOR = "forkserver", "mp forkserver + preload", "os.fork, small process"
 RAN_LIMIT_MS = 0.2  # DESIGN.md "Numbers to beat": start -> ran
 FIRST_REPLY_RATIO = 2.0  # Template()'s first reply <= 2x a fork()'s: its set-up costs little

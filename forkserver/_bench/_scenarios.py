@@ -222,12 +222,12 @@ def idle_uss(bench: Bench) -> Scenario:
     return sc
 
 
-RUNNERS = {"start": start, "back_to_back": back_to_back, "big_parent": big_parent, "exec": exec_true, "idle_uss": idle_uss,
-           "start_ran": _latency.start_ran, "first_reply": _latency.first_reply}
+RUNNERS = {"start": start, "back_to_back": back_to_back, "big_parent": big_parent, "exec": exec_true, "idle_uss": idle_uss}
 TITLES = {"start": "worker start -> ran -> reaped", "back_to_back": "workers back to back",
           "big_parent": "the same from a big parent",
-          "exec": f"exec {TRUE}", "idle_uss": "idle worker USS",
-          "start_ran": "worker start -> ran", "first_reply": "new template -> first reply"}
+          "exec": f"exec {TRUE}", "idle_uss": "idle worker USS"}
+RUNNERS.update(start_ran=_latency.start_ran, first_reply=_latency.first_reply)
+TITLES.update(start_ran="worker start -> ran", first_reply="new template -> first reply")
 
 
 def run(settings: Settings, progress: B.Progress) -> List[Scenario]:

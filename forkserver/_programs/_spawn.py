@@ -65,7 +65,8 @@ class _Plan:
         self.cwd = cwd  # as given, for the error of a bad one
         self.executable = args[0] if executable is None else executable  # the errors' filename
         self.bufsize = -1  # of our ends of the pipes, as Popen's bufsize
-        self.text: Optional[Tuple[str, Optional[str], bool]] = None  # encoding, errors, line_buffering
+        # text mode: (encoding, errors, line_buffering); None: binary pipes
+        self.text: Optional[Tuple[str, Optional[str], bool]] = None
         self.payload = b""
         self.send: List[int] = []  # the program's fds, in the order of the payload's indexes
         self.close_after_send: List[int] = []
@@ -122,7 +123,9 @@ def _encode_env(env: Mapping[Any, Any]) -> List[bytes]:
 def _encode_executable(executable: Any) -> bytes:
     program = os.fsencode(executable)
     if not program or b"\0" in program:
-        raise ValueError(f"spawn(): executable={executable!r} must be a non-empty path without null bytes")
+        raise ValueError(
+            f"spawn(): executable={executable!r} must be a non-empty path without null bytes"
+        )
     return program
 
 
@@ -173,7 +176,8 @@ def _text_settings(
         bufsize = -1
     if isinstance(bufsize, bool) or not isinstance(bufsize, int):
         raise TypeError(f"spawn(): bufsize must be an integer, got {bufsize!r}")
-    if text is not None and universal_newlines is not None and bool(text) != bool(universal_newlines):
+    both = text is not None and universal_newlines is not None
+    if both and bool(text) != bool(universal_newlines):
         raise subprocess.SubprocessError(
             f"spawn(): text={text!r} and universal_newlines={universal_newlines!r} disagree; "
             "pass one of them (universal_newlines is the old name of text)"
@@ -387,7 +391,9 @@ def _open_pipes(plan: _Plan) -> List[Any]:
         if plan.text is not None:
             encoding, errors, line_buffering = plan.text
             if i == 0:
-                f = io.TextIOWrapper(f, encoding, errors, write_through=True, line_buffering=line_buffering)
+                f = io.TextIOWrapper(
+                    f, encoding, errors, write_through=True, line_buffering=line_buffering
+                )
             else:
                 f = io.TextIOWrapper(f, encoding, errors)
         files.append(f)

@@ -56,7 +56,9 @@ def resolve(state: State, frame: Frame) -> Tuple[Callable[..., Any], dict]:
 def resolve_target(state: State, module_name: str, qualname: str) -> Callable[..., Any]:
     obj: Any = sys.modules.get(module_name)
     if obj is None:  # the hot path (module preloaded) touches nothing else
-        obj = import_checked(state, f"run({module_name!r})", lambda: _import_target(module_name, qualname))
+        obj = import_checked(
+            state, f"run({module_name!r})", lambda: _import_target(module_name, qualname)
+        )
     for part in qualname.split("."):
         try:
             obj = getattr(obj, part)
