@@ -419,6 +419,16 @@ def test_run_program_timeout_is_bounded_when_a_grandchild_holds_the_pipes():
     _kill_sleepers()  # the grandchild is no child of ours, and outlived sh
 
 
+def test_run_program_timeout_is_bounded_when_a_grandchild_keeps_writing():
+    # after the kill, what the pipes hold is collected -- not all a grandchild can still write
+    started = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired) as info:
+        forkserver.run_program(["sh", "-c", "yes; :"], timeout=0.2, capture_output=True)
+    assert time.monotonic() - started < 30
+    assert info.value.output.startswith(b"y\ny\n")
+    # yes dies of SIGPIPE at its next write: our ends of the pipes are closed
+
+
 SLEEPER = "61.25"  # a sleep nothing else runs
 
 

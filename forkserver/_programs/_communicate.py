@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 _PIPE_BUF = select.PIPE_BUF
 _READ = 32768
+_DRAIN_STEPS = 64  # x _READ = 2 MiB
 
 
 class _State:
@@ -93,14 +94,28 @@ class _State:
 
     def output(self) -> List[Optional[bytes]]:
         """stdout and stderr as read so far (None for a stream that is no pipe)."""
-        return [None if fd is None else b"".join(self.chunks[fd]) for fd in self.fds]
+        out: List[Optional[bytes]] = []
+        for fd in self.fds:
+            if fd is None:
+                out.append(None)
+                continue
+            data = b"".join(self.chunks[fd])
+            self.chunks[fd] = [data]  # joined once: asking again costs no copy
+            out.append(data)
+        return out
 
     def drain_ready(self) -> None:
-        """Read what the pipes hold now, without waiting (a grandchild may keep them open)."""
+        """Read what the pipes hold now, without waiting (a grandchild may keep them open).
+
+        At most ``_DRAIN_STEPS`` reads per pipe: enough to empty the biggest
+        pipe buffer Linux allows (1 MiB by default), and a bound when the
+        writer is a grandchild still writing as fast as we read.
+        """
         if self.stdin is not None:
             self._close_stdin()
-        while self.streams and self.step(0):
-            pass
+        for _ in range(_DRAIN_STEPS):
+            if not (self.streams and self.step(0)):
+                break
 
 
 def _input_bytes(child: Any, data: Any) -> Optional[bytes]:
