@@ -54,11 +54,9 @@ def caller_context(env, cwd, stdio, sys_path, gc_freeze) -> Tuple[Dict[str, Any]
                     continue  # the caller's own fd is closed: the template keeps /dev/null
                 handle = target
             elif isinstance(handle, int) and not isinstance(handle, bool) and handle < 0:
-                if handle == STDOUT and target == 2:  # stderr goes where stdout goes
-                    if 1 in ctx["stdio"]:
-                        ctx["stdio"].append(2)
-                        fds.append(fds[ctx["stdio"].index(1)])
-                    continue  # else stdout stays the template's /dev/null: so does stderr
+                if handle == STDOUT and target == 2:
+                    ctx["stderr_to_stdout"] = True  # the template dup2s its fd 1 onto 2
+                    continue
                 if handle != DEVNULL:
                     raise ValueError(_bad_stdio(target, handle))
                 fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)

@@ -63,6 +63,13 @@ def test_stderr_stdout_sends_the_templates_stderr_where_its_stdout_goes():
             os.close(w)
 
 
+def test_stderr_stdout_follows_an_inherited_stdout_too(capfd):
+    with Template(stderr=subprocess.STDOUT) as tpl:
+        tpl.eval("import os; os.write(2, b'to stderr')")
+    out, err = capfd.readouterr()
+    assert "to stderr" in out and "to stderr" not in err
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

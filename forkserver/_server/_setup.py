@@ -30,6 +30,8 @@ def do_setup(state, frame: Frame) -> None:
         fd = next(fds)
         os.dup2(fd, target)  # dup2 makes the target inheritable, as stdio must be
         os.close(fd)
+    if ctx.get("stderr_to_stdout"):  # Template(stderr=subprocess.STDOUT)
+        os.dup2(1, 2)
     if ctx.get("env") is not None:
         adopt_environ(ctx["env"])
     if ctx.get("cwd") is not None:
