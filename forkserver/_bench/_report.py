@@ -5,7 +5,7 @@ import os
 import platform
 import sys
 import time
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from . import _scenarios as S
 from ._core import MIB, summary
@@ -70,7 +70,7 @@ def goals(scenarios: List[S.Scenario], settings: S.Settings) -> List[dict]:
     """
     gib = settings.parent_gib
     big_hint = None if gib >= 4 else "the goal is stated for 4 GiB: --parent-gib 4"
-    specs = [
+    specs: List[tuple] = [
         (f"start: forkserver >= 3x faster than {S.MP_FS}", "start", S.MP_FS, S.FS, 3.0, "x",
          {"at_least": True}),
         (f"start: forkserver <= 1.0x {S.FORK_FLOOR}", "start", S.FS, S.FORK_FLOOR, 1.0, "x", {}),
@@ -86,6 +86,7 @@ def goals(scenarios: List[S.Scenario], settings: S.Settings) -> List[dict]:
     ]
     by_key = {sc.key: sc for sc in scenarios}
     out = []
+    options: Dict[str, Any]
     for text, key, a, b, limit, unit, options in specs:
         sc = by_key.get(key)
         value = None

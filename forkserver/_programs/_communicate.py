@@ -166,10 +166,10 @@ def communicate(
     except subprocess.TimeoutExpired as exc:
         exc.output, exc.stderr = state.output()
         raise
-    out, err = state.output()
+    raw = state.output()
     if child.text_mode:
-        out, err = (None if b is None else _decode(child, b) for b in (out, err))
-    return out, err
+        return tuple(None if b is None else _decode(child, b) for b in raw)  # type: ignore
+    return raw[0], raw[1]
 
 
 def _decode(child: Any, data: bytes) -> str:

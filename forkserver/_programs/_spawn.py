@@ -197,7 +197,8 @@ def _default_encoding() -> str:
     if getattr(sys.flags, "warn_default_encoding", 0):  # python -X warn_default_encoding
         import warnings
 
-        frame, level = sys._getframe(1), 2
+        frame: Any = sys._getframe(1)
+        level = 2
         here = os.path.dirname(__file__)
         while frame is not None and os.path.dirname(frame.f_code.co_filename) == here:
             frame, level = frame.f_back, level + 1

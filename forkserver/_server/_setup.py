@@ -100,7 +100,7 @@ def refresh_import_caches() -> None:
     if "importlib.metadata" in sys.modules:
         importlib.invalidate_caches()
         return
-    bootstrap = importlib._bootstrap_external  # type: ignore[attr-defined]
+    bootstrap = importlib._bootstrap_external
     for finder in sys.meta_path:
         if finder is bootstrap.PathFinder:
             _invalidate_path_finder(bootstrap)
