@@ -408,15 +408,17 @@ def test_run_program_timeout_kills_a_busy_loop():
 def test_run_program_timeout_is_bounded_when_a_grandchild_holds_the_pipes():
     # sh waits for its sleep, which inherited the pipes: they reach EOF only when it ends
     started = time.monotonic()
-    with pytest.raises(subprocess.TimeoutExpired) as info:
-        forkserver.run_program(
-            ["/bin/sh", "-c", f"echo before; sleep {SLEEPER}; :"], timeout=0.3,
-            capture_output=True,
-        )
+    try:
+        with pytest.raises(subprocess.TimeoutExpired) as info:
+            forkserver.run_program(
+                ["/bin/sh", "-c", f"echo before; sleep {SLEEPER}; :"], timeout=0.3,
+                capture_output=True,
+            )
+    finally:
+        _kill_sleepers()  # the grandchild is no child of ours, and outlived sh
     elapsed = time.monotonic() - started
     assert elapsed < 30, f"TimeoutExpired came after {elapsed:.1f} s, not at the timeout"
     assert info.value.output == b"before\n" and info.value.timeout == 0.3
-    _kill_sleepers()  # the grandchild is no child of ours, and outlived sh
 
 
 def test_run_program_timeout_is_bounded_when_a_grandchild_keeps_writing():
