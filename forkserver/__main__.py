@@ -13,7 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ._bench import _cli as bench_cli
 
     parser = argparse.ArgumentParser(prog="python -m forkserver")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     bench_cli.add_parser(sub)
     return parser
 
@@ -21,7 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # no command: say what there is
+        parser.print_help()
+        return 0
     if args.command == "bench":
         from ._bench._cli import bench
 

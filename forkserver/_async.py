@@ -14,7 +14,7 @@ import weakref
 from typing import Any, Optional, Sequence, Tuple, Union
 
 from . import _protocol as P
-from ._errors import BrokenChannelError, CalledProcessError
+from ._errors import BrokenChannelError
 from ._process import Child
 from ._template import _HELLO_READ, _WAIT, Target, Template
 
@@ -151,8 +151,16 @@ async def wait(child: Child, timeout: Optional[float] = None) -> int:
     """Await the exit of ``child`` (a ``Child``) and return its returncode.
 
     Raises ``subprocess.TimeoutExpired`` after ``timeout`` seconds (the
-    child keeps running).
+    child keeps running).  As ``Child.wait``: with ``check``, a non-zero
+    returncode raises ``CalledProcessError``.
     """
+    code = await _wait(child, timeout)
+    child._check_status(code)
+    return code
+
+
+async def _wait(child: Child, timeout: Optional[float] = None) -> int:
+    """``wait`` without ``check``."""
     with child._waiting() as pidfd:
         if pidfd is not None:
             try:
@@ -192,11 +200,11 @@ class AsyncChild:
                 return self.child.returncode  # type: ignore[return-value]
             self.child.send_signal(sig)
             try:
-                return await self.wait(grace)
+                return await _wait(self.child, grace)
             except subprocess.TimeoutExpired:
                 continue
         self.child.kill()
-        return await self.wait()
+        return await _wait(self.child)
 
     async def __aenter__(self) -> "AsyncChild":
         return self
@@ -208,11 +216,10 @@ class AsyncChild:
                 await self.stop()
                 return
             try:
-                code = await self.wait(child.exit_timeout)
+                code = await _wait(child, child.exit_timeout)
             except subprocess.TimeoutExpired:
                 await self.stop()
                 raise
-            if child.check and code != 0:
-                raise CalledProcessError(code, child._cmd())
+            child._check_status(code)
         finally:
             child.close()

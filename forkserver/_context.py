@@ -12,7 +12,9 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 from . import _protocol as P
 
-DEVNULL = -3  # subprocess.DEVNULL, without importing subprocess into every caller
+# subprocess's constants, without importing subprocess into every caller
+PIPE, STDOUT, DEVNULL = -1, -2, -3
+_NAMES = ("stdin", "stdout", "stderr")
 
 
 def dup_all(fds: Sequence[Any]) -> List[int]:
@@ -51,7 +53,12 @@ def caller_context(env, cwd, stdio, sys_path, gc_freeze) -> Tuple[Dict[str, Any]
                 except OSError:
                     continue  # the caller's own fd is closed: the template keeps /dev/null
                 handle = target
-            elif handle == DEVNULL and not isinstance(handle, bool):
+            elif isinstance(handle, int) and not isinstance(handle, bool) and handle < 0:
+                if handle == STDOUT and target == 2:
+                    ctx["stderr_to_stdout"] = True  # the template dup2s its fd 1 onto 2
+                    continue
+                if handle != DEVNULL:
+                    raise ValueError(_bad_stdio(target, handle))
                 fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
                 opened.append(fd)
                 handle = fd
@@ -63,3 +70,18 @@ def caller_context(env, cwd, stdio, sys_path, gc_freeze) -> Tuple[Dict[str, Any]
             os.close(fd)
         raise
     return ctx, fds, opened
+
+
+def _bad_stdio(target: int, handle: int) -> str:
+    """Why ``Template(<stream>=handle)`` is refused (a negative int), and what to pass."""
+    name = _NAMES[target]
+    if handle == PIPE:
+        return (
+            f"Template({name}=subprocess.PIPE): a template has no pipe to hand back (every "
+            "worker it makes inherits its stdio); pass an end of os.pipe(), a file, a socket "
+            f"or an fd, or use forkserver.spawn(..., {name}=PIPE) for a program"
+        )
+    if handle == STDOUT:
+        return (f"Template({name}=subprocess.STDOUT): STDOUT is only valid for stderr "
+                "(stderr=STDOUT)")
+    return f"Template({name}={handle}): not an fd; pass a file, a socket, an fd >= 0 or DEVNULL"

@@ -20,6 +20,7 @@ __all__ = [
     "RemoteTraceback",
     "ThreadedTemplateError",
     "PidfdUnavailableError",
+    "ReapedElsewhereError",
     "CalledProcessError",
 ]
 
@@ -81,6 +82,20 @@ class ThreadedTemplateError(ForkserverError):
 
 class PidfdUnavailableError(ForkserverError):
     """This kernel or Python has no pidfd_open: forkserver needs Linux 5.3 or newer."""
+
+
+class ReapedElsewhereError(ForkserverError):
+    """A child's exit status is lost: something other than forkserver reaped it first.
+
+    forkserver waits for each of its children by pid (``waitpid(pid)``).
+    If your process reaps children itself -- a ``waitpid(-1)``/``os.wait()``
+    loop, a SIGCHLD handler that does so -- or has **SIGCHLD set to
+    SIG_IGN** (the kernel then reaps every child the moment it exits and
+    keeps no status), a child can be gone before ``wait()``/``poll()`` asks,
+    and its status with it.  They raise this rather than make a status up
+    (``subprocess`` reports 0 there).  Leave forkserver's children to it, or
+    restore the default with ``signal.signal(signal.SIGCHLD, signal.SIG_DFL)``.
+    """
 
 
 # ``CalledProcessError`` subclasses ``subprocess.CalledProcessError``, and

@@ -8,7 +8,7 @@ import socket
 import threading
 from typing import IO, Any, Callable, Iterator, Optional, Sequence, Tuple
 
-from ._wait import open_pidfd, reap_now, wait_readable
+from ._wait import GONE, open_pidfd, reap_now, wait_readable
 
 
 class Child:
@@ -20,10 +20,17 @@ class Child:
     turned control socket (non-blocking, close-on-exec here; the worker got
     the other end as its first argument).  For a program (``spawn``),
     ``control`` is None, ``args`` is its argument list, and ``stdin``,
-    ``stdout``, ``stderr`` are binary file objects for the streams asked as
-    ``subprocess.PIPE`` (else None).  ``wait``/``poll``/``returncode``/
-    ``communicate`` follow ``subprocess.Popen``: a negative returncode is the
-    signal that ended it.
+    ``stdout``, ``stderr`` are file objects for the streams asked as
+    ``subprocess.PIPE`` (else None): binary, or text when the program was
+    spawned in text mode (``text``/``encoding``/``errors``; then ``encoding``
+    and ``errors`` say the codec, as on ``Popen``).  ``wait``/``poll``/
+    ``returncode``/``communicate`` follow ``subprocess.Popen``: a negative
+    returncode is the signal that ended it.
+
+    ``check`` (``Template.run(check=True)``): ``wait()`` and the end of a
+    ``with`` block raise ``forkserver.CalledProcessError`` when the process
+    exits non-zero; ``poll()``, ``returncode`` and ``communicate()`` only
+    report the status, as on ``Popen``.
     """
 
     def __init__(
@@ -49,11 +56,19 @@ class Child:
         # Set by the program path (forkserver._programs), which owns the pipes:
         # this layer does not import the rooms above it.
         self._communicate: Optional[Callable[..., Tuple[Optional[bytes], Optional[bytes]]]] = None
-        #: ``with child:`` raises ``CalledProcessError`` for a non-zero exit (``run(check=True)``)
+        #: ``wait()`` and ``with child:`` raise CalledProcessError for a non-zero exit
         self.check = check
+        #: how long ``with child:`` waits for the exit when the block ends normally
         self.exit_timeout = exit_timeout
+        #: text mode's codec (``spawn(text=True)`` / ``encoding=``), else None
+        self.encoding: Optional[str] = None
+        self.errors: Optional[str] = None
+        self.text_mode = False
         self.returncode: Optional[int] = None
-        self._pidfd: Optional[int] = open_pidfd(pid) if pidfd is None else pidfd
+        if pidfd is None:
+            pidfd = open_pidfd(pid, gone_ok=True)
+        # GONE: reaped by someone else already (SIGCHLD=SIG_IGN): wait() says so
+        self._pidfd: Optional[int] = None if pidfd == GONE else pidfd
         self._lock = threading.Lock()
         self._waiters = 0  # threads polling the pidfd right now
 
@@ -91,16 +106,36 @@ class Child:
                 return self.returncode
             return self._reaped(reap_now(self.pid))
 
+    @property
+    def universal_newlines(self) -> bool:
+        """``Popen``'s old name for ``text_mode``."""
+        return self.text_mode
+
     def wait(self, timeout: Optional[float] = None) -> int:
         """Wait for the process to exit and return its returncode.
 
         Raises ``subprocess.TimeoutExpired`` if it is still running after
-        ``timeout`` seconds (the process is left running).
+        ``timeout`` seconds (the process is left running; the exception's
+        ``timeout`` is the one given).  With ``check`` (see the class docs),
+        a non-zero returncode raises ``forkserver.CalledProcessError``.
+        A status someone else reaped first raises ``ReapedElsewhereError``.
         """
+        code = self._wait(timeout)
+        self._check_status(code)
+        return code
+
+    def _wait(self, timeout: Optional[float] = None, reported: Any = None) -> int:
+        """``wait`` without ``check``; a TimeoutExpired says ``reported`` if given."""
         with self._waiting() as pidfd:
             if pidfd is not None and not wait_readable(pidfd, timeout):
-                raise self._timeout(timeout)
+                raise self._timeout(timeout if reported is None else reported)
         return self._reap_after_wait()
+
+    def _check_status(self, code: int) -> None:
+        if self.check and code != 0:
+            from ._errors import CalledProcessError
+
+            raise CalledProcessError(code, self._cmd())
 
     @contextlib.contextmanager
     def _waiting(self) -> Iterator[Optional[int]]:
@@ -147,7 +182,7 @@ class Child:
                     f"communicate() on {self!r}: input given but stdin is not a pipe; "
                     "spawn with stdin=PIPE"
                 )
-            self.wait(timeout)
+            self._wait(timeout)
             return None, None
         return self._communicate(self, input, timeout)
 
@@ -186,11 +221,11 @@ class Child:
                 return self.returncode  # type: ignore[return-value]
             self.send_signal(sig)
             try:
-                return self.wait(grace)
+                return self._wait(grace)
             except subprocess.TimeoutExpired:
                 continue
         self.kill()
-        return self.wait()
+        return self._wait()
 
     # -- context manager: wait on success, stop on failure ---------------------
 
@@ -206,20 +241,17 @@ class Child:
         """
         import subprocess
 
-        from ._errors import CalledProcessError
-
         try:
             self._close_pipes()
             if exc_type is not None:
                 self.stop()
                 return
             try:
-                code = self.wait(self.exit_timeout)
+                code = self._wait(self.exit_timeout)
             except subprocess.TimeoutExpired:
                 self.stop()
                 raise
-            if self.check and code != 0:
-                raise CalledProcessError(code, self._cmd())
+            self._check_status(code)
         finally:
             self.close()
 

@@ -63,6 +63,10 @@ NAMES = {
     HELLO: "hello", RESULT: "result", ERROR: "error", RUNNING: "running", SPAWNED: "spawned",
 }  # fmt: skip
 
+# The module every template runs require()/eval() in (forkserver/_server/_namespace.py);
+# a bare run("name") target names a function of it.
+NAMESPACE = "forkserver.template"
+
 # Standard thread-pool limits applied while a template imports or evaluates
 # (docs/design.md): libraries size their pools from these at load time.
 THREAD_LIMIT_VARS = (
@@ -130,8 +134,12 @@ def decode_error(payload: bytes) -> BaseException:
 
 
 def split_target(target: Union[str, Callable[..., Any]], main_ok: bool = False) -> Tuple[str, str]:
-    """``"pkg.mod:func"``, ``"pkg.mod.func"`` or a module-level function → (module, qualname).
+    """A run() target → (module, qualname).
 
+    ``"pkg.mod:func"``, ``"pkg.mod.func"``, ``"func"`` or a module-level function.
+
+    A bare name is a function of the template's namespace module
+    (``NAMESPACE``: what ``require`` bound and ``eval`` defined).
     ``main_ok``: the template has the caller's ``__main__`` (``early()``).
     """
     if callable(target) and not isinstance(target, str):
@@ -158,9 +166,12 @@ def split_target(target: Union[str, Callable[..., Any]], main_ok: bool = False) 
         module, _, qualname = target.partition(":")
     else:
         module, _, qualname = target.rpartition(".")
+        if not module and qualname.isidentifier():
+            module = NAMESPACE  # a bare name: a function eval() defined in the template
     if not module or not qualname:
         raise ValueError(
-            f"run({target!r}): name the function with its module, as 'pkg.mod:func' or 'pkg.mod.func'"
+            f"run({target!r}): name a function eval() defined ('handler'), or a function "
+            "with its module, as 'pkg.mod:func' or 'pkg.mod.func'"
         )
     return module, qualname
 

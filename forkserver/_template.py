@@ -50,6 +50,24 @@ class Template(Cloning):
     ``gc_freeze=False`` turns off ``gc.freeze()`` before each fork (it keeps
     the preloaded objects' memory pages shared with the children).
 
+    **The namespace.**  A template's code lives in one module of its own,
+    ``forkserver.template`` (a real module in the template's
+    ``sys.modules``; see :mod:`forkserver.template`): ``require("a.b")``
+    binds ``a`` there, as ``import a.b`` would; ``eval`` runs there; forks
+    copy it; ``run("handler")`` -- a bare name -- calls a function defined
+    there, and worker code reads it with ``from forkserver.template import
+    NAME``::
+
+        t = Template().require("mypkg.model")
+        t.eval("MODEL = mypkg.model.load(args[0])", "weights.bin")
+        t.eval("def handler(control, *args): control.sendall(repr(MODEL).encode())")
+        child = t.fork().run("handler")        # or "forkserver.template:handler"
+
+    What ``eval`` defines has ``__module__ == "forkserver.template"``, so
+    pickle finds it in workers and forks.  (A template made by
+    :func:`early` keeps your program's ``__main__`` as well: ``run(f)`` of a
+    function of your script works there.)
+
     Once a template has been forked, it keeps one clone of itself ready (a
     *spare*, made while you do other things), so the next ``fork()`` need
     not wait for a clone to be made.  The spare is an idle process, your
@@ -314,7 +332,12 @@ class Template(Cloning):
     # -- the public verbs --------------------------------------------------------
 
     def require(self, *modules: str) -> "Template":
-        """Import ``modules`` in the template; an import error is raised here. Returns self."""
+        """Import ``modules`` in the template; an import error is raised here. Returns self.
+
+        As ``import a.b`` would, ``require("a.b")`` binds ``a`` in the
+        template's namespace (``forkserver.template``), so a later ``eval``
+        can use ``a.b`` without importing it.
+        """
         for name in modules:
             if not isinstance(name, str) or not name:
                 raise TypeError(f"require({name!r}): module names are non-empty strings")
@@ -324,8 +347,11 @@ class Template(Cloning):
     def eval(self, source: str, *args: Any) -> "Template":
         """Execute ``source`` in the template with ``args`` bound as ``args``. Returns self.
 
-        Names it defines stay in the template's namespace for later ``eval``
-        calls (and in its forks).  A remote exception is raised here.
+        It runs as the body of the template's namespace module,
+        ``forkserver.template``: the names it defines are that module's
+        globals, there for later ``eval`` calls, for forks, for
+        ``run("name")`` and for worker code (``from forkserver.template
+        import NAME``).  A remote exception is raised here, with its type.
         """
         if not isinstance(source, str):
             raise TypeError(f"eval(): source must be a str, got {type(source).__name__}")
@@ -383,11 +409,14 @@ class Template(Cloning):
     ) -> Child:
         """Turn the template into a worker running ``target(control, *sent)``.
 
-        ``target`` is ``"pkg.mod:func"``, ``"pkg.mod.func"`` or a module-level
-        function.  Returns once the process has started it; a missing module
-        or function raises here (and the template stays usable).  ``check``
-        and ``timeout`` apply when the ``Child`` is used as a context manager
-        (``with t.run(f, check=True, timeout=10) as child:``).
+        ``target`` is ``"pkg.mod:func"``, ``"pkg.mod.func"``, a module-level
+        function, or a bare ``"name"``: a function ``eval`` defined in the
+        template's namespace (``"forkserver.template:name"``).  Returns once
+        the process has started it; a missing module or function raises here
+        (and the template stays usable).  ``check=True``: ``child.wait()``
+        and the end of ``with child:`` raise ``CalledProcessError`` when the
+        worker exits non-zero (``poll()`` only reports).  ``timeout`` bounds
+        the wait at the end of ``with t.run(f, timeout=10) as child:``.
         ``die_with_parent=True`` (or a signal number) sends the worker
         SIGKILL (or that signal) when this process exits, even if it is
         killed; by default workers outlive their parent.  ``kill_on_exit=True``
@@ -424,7 +453,7 @@ class Template(Cloning):
             raise ProtocolError(f"{self!r}: expected the run acknowledgement, got {kind}")
         if self._pid is None:  # a fused fork and run: the pid comes with the reply
             self._pid = P.HELLO_FORMAT.unpack(frame.payload)[1]
-            self._pidfd = open_pidfd(self._pid)
+            self._pidfd = open_pidfd(self._pid, gone_ok=True)  # SIGCHLD=SIG_IGN: may be gone
         self._status = "running"
         control = self._chan.sock  # the channel read exactly up to RUNNING
         pidfd, self._pidfd = self._pidfd, None
@@ -555,20 +584,35 @@ def early() -> None:
     forkserver in the process, and the process must be single-threaded.
     Workers cloned from it end with ``os._exit`` after ``atexit`` callbacks.
     """
-    from ._server._hygiene import check_single_threaded
-
     with _default.lock:
         if _default.template is not None:
             raise RuntimeError(
                 "forkserver.early() must come before any other use of forkserver in this "
                 "process; call it at the top of your main program"
             )
-        check_single_threaded(["the program itself (early() must run before threads start)"])
+        _check_early_single_threaded()
         chan, pid, pidfd = fork_this_process()
         tpl = Template._from_channel(chan, "forkserver.early()", pid)
         tpl._pidfd = pidfd
         tpl._main_ok = True
         _default.template = tpl
+
+
+def _check_early_single_threaded() -> None:
+    """early() forks the caller itself: refuse, in the caller's terms, if it has threads."""
+    from ._errors import ThreadedTemplateError
+    from ._server._hygiene import thread_count, thread_names
+
+    count = thread_count()
+    if count > 1:
+        raise ThreadedTemplateError(
+            f"forkserver.early() must be called before any thread starts, and this program "
+            f"already runs {count} threads ({'; '.join(thread_names())}): a fork of it would "
+            "keep locks held by threads that do not exist in the copy. Call early() at the "
+            "very top of your main program, before the imports or code that start threads; "
+            "or do without early(): Template() works from a threaded program (it clones a "
+            "freshly started interpreter instead)"
+        )
 
 
 def _at_exit() -> None:
@@ -578,7 +622,7 @@ def _at_exit() -> None:
     """
     for child in list(_kill_on_exit):
         child.kill()
-        child.wait()
+        child._wait()  # no check: we killed it
     for tpl in list(_live):
         if tpl is not _default.template and tpl._status not in ("running", "closed"):
             tpl.close()

@@ -11,19 +11,33 @@ from __future__ import annotations
 import errno
 import os
 import select
+import signal
 import time
 from typing import Optional
 
-from ._errors import ForkserverError, PidfdUnavailableError
+from ._errors import PidfdUnavailableError, ReapedElsewhereError
 from ._fds import FdChannel
 
 MIN_KERNEL = "5.3"
 
 
-def open_pidfd(pid: int) -> int:
-    """A pidfd for our child ``pid`` (close-on-exec)."""
+GONE = -1  # open_pidfd(gone_ok=True): the child was reaped by someone else already
+
+
+def open_pidfd(pid: int, gone_ok: bool = False) -> int:
+    """A pidfd for our child ``pid`` (close-on-exec).
+
+    Our child exists until *we* reap it (a zombie still has its pid), so
+    ESRCH means someone else did -- with SIGCHLD at SIG_IGN the kernel does,
+    the moment a child exits.  ``gone_ok``: return ``GONE`` then, and let
+    ``wait()`` report the lost status, instead of raising here.
+    """
     try:
         return os.pidfd_open(pid)
+    except ProcessLookupError:
+        if gone_ok:
+            return GONE
+        raise
     except AttributeError:  # pragma: no cover - Python built without it
         raise PidfdUnavailableError(
             f"os.pidfd_open is missing; forkserver needs Linux >= {MIN_KERNEL}"
@@ -88,8 +102,8 @@ def reap(pid: int, pidfd: int, timeout: Optional[float]) -> Optional[int]:
     return reap_now(pid)
 
 
-class ReapedElsewhere(ForkserverError):
-    """Our child was reaped by someone else's ``waitpid``: its exit status is lost."""
+# The name the parent side has used for it (``forkserver.ReapedElsewhereError``).
+ReapedElsewhere = ReapedElsewhereError
 
 
 def reaped(pid: int) -> bool:
@@ -110,12 +124,24 @@ def reap_now(pid: int) -> Optional[int]:
         try:
             got, status = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
-            raise ReapedElsewhere(
-                f"pid {pid} was reaped by someone else (a waitpid(-1) or SIGCHLD=SIG_IGN "
-                "in this process?); its exit status is lost"
-            ) from None
+            raise ReapedElsewhereError(_lost_status(pid)) from None
         except InterruptedError:  # pragma: no cover - PEP 475 retries already
             continue
         if got == 0:
             return None
         return os.waitstatus_to_exitcode(status)
+
+
+def _lost_status(pid: int) -> str:
+    """Why the exit status of our child ``pid`` is gone, and what to do about it."""
+    if signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN:
+        return (
+            f"the exit status of pid {pid} is lost: SIGCHLD is SIG_IGN in this process, so "
+            "the kernel reaps every child as it exits and keeps no status. Restore it with "
+            "signal.signal(signal.SIGCHLD, signal.SIG_DFL) before starting children"
+        )
+    return (
+        f"the exit status of pid {pid} is lost: something else in this process reaped it "
+        "(a waitpid(-1) or os.wait() loop, or a SIGCHLD handler that reaps); leave "
+        "forkserver's children to forkserver"
+    )

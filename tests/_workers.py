@@ -188,3 +188,15 @@ def mark(control, *args):
 def arg_sizes(control, *args):
     """Send back the length of each sent item."""
     send_obj(control, [len(a) for a in args])
+
+
+def namespace_get(control, *names):
+    """Send back the values of ``names`` in the template's namespace, read as a module."""
+    import forkserver.template as namespace  # the template's module, in a worker
+
+    send_obj(control, [getattr(namespace, name, "<missing>") for name in names])
+
+
+def module_names(control):
+    """Send back the names of the modules loaded in the worker."""
+    send_obj(control, sorted(sys.modules))

@@ -271,7 +271,7 @@ def test_a_bad_run_target_raises_here_and_the_template_stays_usable(target, erro
         assert finish(tpl.run(f"{W}:return_quietly")) == 0
 
 
-@pytest.mark.parametrize("target", ["nomodule", "", ":f", "mod:"])
+@pytest.mark.parametrize("target", ["no.", "", ":f", "mod:", "two words"])
 def test_a_malformed_target_is_rejected_before_anything_is_sent(target):
     with Template() as tpl:
         with pytest.raises(ValueError):

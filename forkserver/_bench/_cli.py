@@ -17,9 +17,11 @@ BENCH_HELP = f"""\
 Side-by-side numbers on this machine, in one run (contenders interleaved
 round-robin after a warm-up): worker start -> ran -> reaped with a preloaded
 module (forkserver / multiprocessing forkserver with preload / multiprocessing
-spawn / bare os.fork), the same from a big parent, exec of /bin/true
-(forkserver / subprocess.run / posix_spawn), idle worker USS; then the project
+spawn / bare os.fork), start -> ran (the moment the worker's function begins),
+the same from a big parent, exec of /bin/true (forkserver / subprocess.run /
+posix_spawn), idle worker USS, a new template's first reply; then the project
 goals, met or missed.  Takes {TYPICAL_RUN}.
+The exit status is 0 (it is a measurement) unless --check is given.
 """
 
 
@@ -65,7 +67,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        help="samples of multiprocessing spawn (~200 ms each with numpy; "
                        "default rounds/10, at least 3; 0 leaves it out)")
     bench.add_argument("--only", type=_scenarios, metavar="A,B",
-                       help="run only these scenarios: start, back_to_back, big_parent, exec, idle_uss")
+                       help="run only these scenarios: start, start_ran, back_to_back, "
+                       "big_parent, exec, idle_uss, first_reply")
+    bench.add_argument("--check", action="store_true",
+                       help="exit with status 1 when a goal is missed (or a contender failed)")
     return bench
 
 
@@ -102,8 +107,11 @@ def bench(args: argparse.Namespace, argv: List[str]) -> int:
     t0 = time.monotonic()
     try:
         scenarios = S.run(settings, progress)
-    finally:
+    except Exception as exc:  # no scenario can run (the template, a server...): say why
         progress.close()
+        print(f"forkserver bench: could not run: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    progress.close()
     seconds = time.monotonic() - t0
     info = R.machine(settings.preload)
     goal_list = R.goals(scenarios, settings)
@@ -112,4 +120,13 @@ def bench(args: argparse.Namespace, argv: List[str]) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(R.to_json(scenarios, info, goal_list, settings, seconds), f, indent=1)
+    failed = [f"{sc.key}: {c.name} {c.note}" for sc in scenarios for c in sc.contenders if c.failed]
+    for line in failed:
+        print(f"forkserver bench: {line}", file=sys.stderr)
+    missed = [g["goal"] for g in goal_list if g["met"] is False]
+    if args.check and (missed or failed):
+        print(f"forkserver bench --check: {len(missed)} goal(s) missed"
+              + "".join(f"\n  {text}" for text in missed)
+              + (f"; {len(failed)} contender(s) failed" if failed else ""), file=sys.stderr)
+        return 1
     return 0

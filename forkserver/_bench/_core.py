@@ -19,6 +19,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Optional, TextIO
@@ -46,6 +47,8 @@ class Contender:
 
     ``limit`` caps the samples of slow contenders (spread evenly over the
     rounds); ``once`` None means "not available", explained by ``note``.
+    A contender whose sample raised is ``failed``: it takes no more samples,
+    keeps none, and ``note`` says what went wrong.
     """
 
     name: str
@@ -53,6 +56,12 @@ class Contender:
     limit: Optional[int] = None
     note: Optional[str] = None
     samples: List[float] = field(default_factory=list)
+    failed: bool = False
+
+    def fail(self, exc: BaseException) -> None:
+        """Record that a sample raised ``exc``: the run goes on without this contender."""
+        self.failed, self.once, self.samples = True, None, []
+        self.note = f"failed: {type(exc).__name__}: {exc}"
 
     def due(self, r: int, rounds: int) -> bool:
         """Whether round ``r`` (0-based) takes a sample of this contender."""
@@ -60,6 +69,43 @@ class Contender:
             return True
         every = max(1, rounds // max(1, self.limit))
         return r % every == 0 and len(self.samples) < self.limit
+
+
+@dataclass
+class Scenario:
+    """One table section: ``contenders[0]`` is forkserver's (the ratio base).
+
+    Scenario modules (``_bench/_<name>.py``) build these from ``_core``
+    alone; ``goals`` holds the keyword arguments of the goals they check
+    (``text``, ``value``, ``limit``, ``unit``, optionally ``at_least``,
+    ``hint``), which the report adds to the DESIGN.md ones.
+    """
+
+    key: str
+    title: str
+    unit: str
+    contenders: List[Contender] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+    goals: List[dict] = field(default_factory=list)
+
+    def get(self, name: str) -> Optional[Contender]:
+        """The contender called ``name``, if it is in this scenario."""
+        return next((c for c in self.contenders if c.name == name), None)
+
+    def median(self, name: str) -> Optional[float]:
+        """The median of contender ``name``'s samples (None: not run, or failed)."""
+        c = self.get(name)
+        stats = None if c is None else summary(c.samples)
+        return None if stats is None else stats["median"]
+
+
+def sample(contender: Contender) -> Optional[float]:
+    """One sample of ``contender``, or None if it failed (then it is marked failed)."""
+    try:
+        return contender.once()  # type: ignore[misc]
+    except Exception as exc:  # KeyboardInterrupt still ends the run
+        contender.fail(exc)
+        return None
 
 
 def timed(name: str, start_and_reap: Callable[[], int],
@@ -101,10 +147,14 @@ def measure(contenders: List[Contender], rounds: int, warmup: int,
     try:
         for r in range(-warmup, rounds):
             for c in runnable:
+                if c.failed:
+                    continue
                 if r < 0 and (c.limit is None or r == -warmup):
-                    c.once()
+                    sample(c)
                 elif r >= 0 and c.due(r, rounds):
-                    c.samples.append(c.once())
+                    value = sample(c)
+                    if value is not None:
+                        c.samples.append(value)
             if tick is not None and r >= 0:
                 tick(r + 1, rounds)
     finally:
@@ -167,27 +217,54 @@ class Progress:
         self.stream.flush()
 
 
+class HelperError(RuntimeError):
+    """A timing helper process failed; the message has its exit status and last error line."""
+
+
 class Helper:
-    """A small process running ``_workers.timing_server``: one sample per request."""
+    """A small process running ``_workers.timing_server``: one sample per request.
+
+    It gets our ``sys.path`` (so a ``--preload`` module importable only from
+    here -- the current directory, a path added at run time -- is importable
+    there too) and its stderr goes to a file, so that a failure is reported
+    with the helper's own last words instead of a broken pipe.
+    """
 
     def __init__(self, kind: str, preload: str) -> None:
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_workers.py")
         self.kind = kind
-        self.proc = subprocess.Popen([sys.executable, script, kind, preload],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.errors = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(
+            [sys.executable, script, kind, preload, os.pathsep.join(sys.path)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors,
+        )
 
     def once(self) -> float:
         """One sample, timed inside the helper; milliseconds."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(b"\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
+        try:
+            self.proc.stdin.write(b"\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except BrokenPipeError:
+            line = b""
         if not line:
-            raise RuntimeError(f"timing helper {self.kind!r} died (exit status {self.proc.wait()})")
+            raise HelperError(self._died())
         nanoseconds, status = map(int, line.split())
         if status != 0:
-            raise RuntimeError(f"timing helper {self.kind!r}: worker exit status {status}")
+            raise HelperError(f"timing helper {self.kind!r}: worker exit status {status}")
         return nanoseconds / 1e6
+
+    def _died(self) -> str:
+        try:
+            code = self.proc.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self.errors.seek(0)
+        lines = self.errors.read().decode(errors="replace").strip().splitlines()
+        last = lines[-1] if lines else "no error output"
+        return f"timing helper {self.kind!r} exited with status {code}: {last}"
 
     def close(self) -> None:
         """EOF on its stdin: the helper exits (closing its template); reap it."""
@@ -200,6 +277,7 @@ class Helper:
             self.proc.kill()
             self.proc.wait()
         self.proc.stdout.close()
+        self.errors.close()
 
 
 def mp_start_and_reap(ctx, target: Callable, args: tuple = ()) -> int:

@@ -11,13 +11,14 @@ import importlib
 import os
 import subprocess
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
-from . import _core as B
+from . import _core as B, _latency
+from ._core import Scenario
 from ._workers import bare_fork, settle, start_and_reap, stop_default_template
 
-SCENARIOS = ("start", "back_to_back", "big_parent", "exec", "idle_uss")
+SCENARIOS = ("start", "start_ran", "back_to_back", "big_parent", "exec", "idle_uss", "first_reply")
 BLOCK = 10  # back_to_back: workers per sample, one right after the other
 TRUE = "/bin/true"
 
@@ -44,21 +45,6 @@ class Settings:
     only: Tuple[str, ...] = SCENARIOS
 
 
-@dataclass
-class Scenario:
-    """One table section: ``contenders[0]`` is forkserver's (the ratio base)."""
-
-    key: str
-    title: str
-    unit: str
-    contenders: List[B.Contender] = field(default_factory=list)
-    notes: List[str] = field(default_factory=list)
-
-    def get(self, name: str) -> Optional[B.Contender]:
-        """The contender called ``name``, if it is in this scenario."""
-        return next((c for c in self.contenders if c.name == name), None)
-
-
 class Bench:
     """The pieces scenarios share: the template, multiprocessing, the timing helpers."""
 
@@ -79,7 +65,8 @@ class Bench:
                 settings.preload, "forkserver._bench._workers")
             stack.callback(self.tpl_no_spare.close)
         self.helpers: Dict[str, B.Helper] = {}
-        for kind, needed in (("fork", ("start", "back_to_back")), ("forkserver", ("big_parent",))):
+        for kind, needed in (("fork", ("start", "back_to_back")), ("forkserver", ("big_parent",)),
+                             ("fork_ran", ("start_ran",))):
             if set(needed) & set(settings.only):  # started now: they warm up meanwhile
                 helper = B.Helper(kind, settings.preload)
                 self.helpers[kind] = stack.enter_context(contextlib.closing(helper))
@@ -224,7 +211,12 @@ def idle_uss(bench: Bench) -> Scenario:
             (MP_SPAWN, s.idle_spawn_workers, lambda n: B.idle_uss_mp(bench.mp_spawn, s.preload, n))]
     for i, (name, count, measure) in enumerate(jobs):
         if count > 0:
-            sc.contenders.append(B.Contender(name, None, samples=measure(count)))
+            contender = B.Contender(name, None)
+            try:
+                contender.samples = measure(count)
+            except Exception as exc:  # reported in the table; the others still run
+                contender.fail(exc)
+            sc.contenders.append(contender)
             bench.progress.tick(i + 1, len(jobs))
     sc.notes.append("n = workers alive at once, each blocked on its socket or pipe")
     return sc
@@ -235,6 +227,8 @@ RUNNERS = {"start": start, "back_to_back": back_to_back, "big_parent": big_paren
 TITLES = {"start": "worker start -> ran -> reaped", "back_to_back": "workers back to back",
           "big_parent": "the same from a big parent",
           "exec": f"exec {TRUE}", "idle_uss": "idle worker USS"}
+RUNNERS.update(start_ran=_latency.start_ran, first_reply=_latency.first_reply)
+TITLES.update(start_ran="worker start -> ran", first_reply="new template -> first reply")
 
 
 def run(settings: Settings, progress: B.Progress) -> List[Scenario]:

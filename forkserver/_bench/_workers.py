@@ -25,6 +25,15 @@ def work(control) -> None:
     """forkserver worker: returns at once (exit status 0 proves it ran)."""
 
 
+def ran(control) -> None:
+    """forkserver worker: sends the moment it began (``time.perf_counter_ns``, 8 bytes).
+
+    ``perf_counter`` is ``CLOCK_MONOTONIC`` on Linux: one clock for every
+    process of the machine, so the parent can subtract its own reading.
+    """
+    control.sendall(time.perf_counter_ns().to_bytes(8, "little"))
+
+
 def idle(control) -> None:
     """forkserver worker that stays idle until the parent closes its control socket."""
     control.sendall(b"r")  # "I am up": the parent measures USS only after this
@@ -48,12 +57,46 @@ def bare_fork() -> int:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
+def bare_fork_ran() -> "tuple[int, int]":
+    """(ns from os.fork() to the child's first line, exit status): the floor of start -> ran."""
+    r, w = os.pipe()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        t0 = time.perf_counter_ns()
+        pid = os.fork()
+        if pid == 0:
+            os.write(w, time.perf_counter_ns().to_bytes(8, "little"))
+            os._exit(0)
+        os.close(w)
+        begin = int.from_bytes(os.read(r, 8), "little")
+        status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        return begin - t0, status
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        os.close(r)
+        try:
+            os.close(w)
+        except OSError:
+            pass  # closed above
+
+
+def _timed_ns(once):
+    """A sampler returning (elapsed ns, exit status) around ``once()``."""
+    def sample():
+        t0 = time.perf_counter_ns()
+        status = once()
+        return time.perf_counter_ns() - t0, status
+
+    return sample
+
+
 def timing_server(kind: str, preload: str) -> None:
     """Serve timing requests: per line on stdin, one sample; answer "<ns> <status>".
 
     Runs in a small helper process that imported ``preload``: ``kind`` "fork"
-    times :func:`bare_fork` (the floor), "forkserver" times a worker started
-    from a template of this small process.  The parent sends requests in its
+    times :func:`bare_fork` (the floor), "fork_ran" :func:`bare_fork_ran` (the
+    floor of start -> ran), "forkserver" times a worker started from a
+    template of this small process.  The parent sends requests in its
     round-robin, so the helper takes its turn like any contender.  It ends
     when its stdin closes.
     """
@@ -62,31 +105,29 @@ def timing_server(kind: str, preload: str) -> None:
     importlib.import_module(preload)
     tpl = None
     if kind == "fork":
-        once = bare_fork
+        sample = _timed_ns(bare_fork)
+    elif kind == "fork_ran":
+        sample = bare_fork_ran
     elif kind == "forkserver":
         from forkserver._template import Template
 
         tpl = Template().require(preload, MODULE)
-
-        def once() -> int:
-            return start_and_reap(tpl, f"{MODULE}:work")
+        sample = _timed_ns(lambda: start_and_reap(tpl, f"{MODULE}:work"))
     else:
         raise SystemExit(f"timing_server: unknown kind {kind!r}")
     try:
-        _serve(once, tpl)
+        _serve(sample, tpl)
     finally:
         if tpl is not None:
             tpl.close()
             stop_default_template()
 
 
-def _serve(once, tpl=None) -> None:
-    """Answer each request line with one timed sample (``tpl``: settled after each)."""
+def _serve(sample, tpl=None) -> None:
+    """Answer each request line with one sample, (ns, status) (``tpl``: settled after each)."""
     stdin, stdout = sys.stdin.buffer, sys.stdout
     while stdin.readline():
-        t0 = time.perf_counter_ns()
-        status = once()
-        elapsed = time.perf_counter_ns() - t0
+        elapsed, status = sample()
         if tpl is not None:
             settle(tpl)
         stdout.write(f"{elapsed} {status}\n")
@@ -137,7 +178,9 @@ def stop_default_template() -> None:
         default._default.shutdown()  # type: ignore[attr-defined]
 
 
-if __name__ == "__main__":  # python .../forkserver/_bench/_workers.py KIND PRELOAD
-    # sys.path[0] is forkserver/_bench/ itself: put the directory that holds forkserver/ there.
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __name__ == "__main__":  # python .../forkserver/_bench/_workers.py KIND PRELOAD SYS_PATH
+    # sys.path[0] is forkserver/_bench/ itself: put the directory that holds
+    # forkserver/ there, then the benchmark's own sys.path (os.pathsep-joined).
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path[:] = [here] + (sys.argv[3].split(os.pathsep) if len(sys.argv) > 3 else sys.path[1:])
     timing_server(sys.argv[1], sys.argv[2])

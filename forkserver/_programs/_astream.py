@@ -69,7 +69,7 @@ class AsyncStream:
     ) -> None:
         if chunk_size <= 0:
             raise ValueError(f"stream(): chunk_size={chunk_size!r} must be positive")
-        self._spawn_kwargs = dict(spawn_args(input, stderr), **spawn_kwargs)
+        self._spawn_kwargs = dict(spawn_args(input, stderr, spawn_kwargs), **spawn_kwargs)
         self._argv = argv
         self._async_input = None
         if hasattr(input, "__aiter__") and not hasattr(input, "__iter__"):

@@ -7,18 +7,25 @@ One thread, one ``poll`` loop: input is written in ``PIPE_BUF`` pieces when
 stdin is writable (a write of at most ``PIPE_BUF`` bytes to a pipe that
 polled writable never blocks), output is read as it comes, so the program
 never blocks on a full pipe while we block on another.  The state survives a
-``TimeoutExpired``, so a second call goes on where the first stopped.
+``TimeoutExpired``, so a second call goes on where the first stopped; the
+exception carries the output read so far (bytes, as ``Popen``'s does).
+
+In text mode (``spawn(text=True)``, an ``encoding``...) ``input`` is a
+``str``, encoded with the child's codec, and the output is decoded with it,
+newlines translated (``\\r\\n`` and ``\\r`` become ``\\n``), as ``Popen`` does.
 """
 
 from __future__ import annotations
 
 import os
 import select
+import subprocess
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
 _PIPE_BUF = select.PIPE_BUF
 _READ = 32768
+_DRAIN_STEPS = 64  # x _READ = 2 MiB
 
 
 class _State:
@@ -49,17 +56,23 @@ class _State:
             pass  # it exited without reading everything: not an error
         self.stdin = None
 
+    @property
+    def pending(self) -> bool:
+        """Whether a stream is still open (output to read, input to write)."""
+        return bool(self.streams) or self.stdin is not None
+
     def step(self, timeout: Optional[float]) -> bool:
-        """Wait up to ``timeout`` and move whatever is ready; False if nothing is left to move."""
+        """Wait up to ``timeout`` and move whatever is ready; False if nothing moved."""
         poller = select.poll()
         for fd in self.streams:
             poller.register(fd, select.POLLIN)
         if self.stdin is not None:
             poller.register(self.stdin.fileno(), select.POLLOUT)
-        if not self.streams and self.stdin is None:
+        if not self.pending:
             return False
-        ms = None if timeout is None else int(timeout * 1000) + 1
-        for fd, _ in poller.poll(ms):
+        ms = None if timeout is None else int(timeout * 1000) + 1 if timeout > 0 else 0
+        ready = poller.poll(ms)
+        for fd, _ in ready:
             if self.stdin is not None and fd == self.stdin.fileno():
                 self._write()
             elif fd in self.streams:
@@ -68,7 +81,7 @@ class _State:
                     self.chunks[fd].append(data)
                 else:
                     self.streams.pop(fd).close()
-        return True
+        return bool(ready)
 
     def _write(self) -> None:
         piece = self.view[self.offset : self.offset + _PIPE_BUF]
@@ -79,10 +92,54 @@ class _State:
         if self.offset >= len(self.view):
             self._close_stdin()
 
+    def output(self) -> List[Optional[bytes]]:
+        """stdout and stderr as read so far (None for a stream that is no pipe)."""
+        out: List[Optional[bytes]] = []
+        for fd in self.fds:
+            if fd is None:
+                out.append(None)
+                continue
+            data = b"".join(self.chunks[fd])
+            self.chunks[fd] = [data]  # joined once: asking again costs no copy
+            out.append(data)
+        return out
+
+    def drain_ready(self) -> None:
+        """Read what the pipes hold now, without waiting (a grandchild may keep them open).
+
+        At most ``_DRAIN_STEPS`` reads per pipe: enough to empty the biggest
+        pipe buffer Linux allows (1 MiB by default), and a bound when the
+        writer is a grandchild still writing as fast as we read.
+        """
+        if self.stdin is not None:
+            self._close_stdin()
+        for _ in range(_DRAIN_STEPS):
+            if not (self.streams and self.step(0)):
+                break
+
+
+def _input_bytes(child: Any, data: Any) -> Optional[bytes]:
+    """``communicate``'s input as bytes: encoded in text mode, checked in both."""
+    if data is None:
+        return None
+    if child.text_mode:
+        if not isinstance(data, str):
+            raise TypeError(
+                f"communicate() on {child!r}: in text mode input is a str, got "
+                f"{type(data).__name__}; decode it, or spawn without text=/encoding="
+            )
+        return data.encode(child.encoding, child.errors or "strict")
+    if isinstance(data, str):
+        raise TypeError(
+            f"communicate() on {child!r}: input is bytes unless the program was spawned in "
+            "text mode; encode the str, or spawn with text=True (or an encoding)"
+        )
+    return data
+
 
 def communicate(
-    child: Any, data: Optional[bytes], timeout: Optional[float]
-) -> Tuple[Optional[bytes], Optional[bytes]]:
+    child: Any, data: Any, timeout: Optional[float]
+) -> Tuple[Any, Any]:
     """See ``Child.communicate``."""
     if child._comm is None:
         if data is not None and child.stdin is None:
@@ -90,7 +147,7 @@ def communicate(
                 f"communicate() on {child!r}: input given but stdin is not a pipe; "
                 "spawn with stdin=PIPE"
             )
-        state = child._comm = _State(child, data)
+        state = child._comm = _State(child, _input_bytes(child, data))
     else:
         if data:
             raise ValueError(
@@ -98,12 +155,23 @@ def communicate(
             )
         state = child._comm
     deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
+    try:
+        while state.pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            state.step(left)
+            if deadline is not None and time.monotonic() >= deadline and state.pending:
+                raise child._timeout(timeout)
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if not state.step(left):
-            break
-        if deadline is not None and time.monotonic() >= deadline and (state.streams or state.stdin):
-            raise child._timeout(timeout)
-    child.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
-    out = [None if fd is None else b"".join(state.chunks[fd]) for fd in state.fds]
-    return out[0], out[1]
+        child._wait(left, reported=timeout)  # TimeoutExpired.timeout: the one given
+    except subprocess.TimeoutExpired as exc:
+        exc.output, exc.stderr = state.output()
+        raise
+    raw = state.output()
+    if child.text_mode:
+        return tuple(None if b is None else _decode(child, b) for b in raw)  # type: ignore
+    return raw[0], raw[1]
+
+
+def _decode(child: Any, data: bytes) -> str:
+    text = data.decode(child.encoding, child.errors or "strict")
+    return text.replace("\r\n", "\n").replace("\r", "\n")

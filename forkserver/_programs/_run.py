@@ -15,20 +15,28 @@ __all__ = ["run_program"]
 def run_program(
     argv: Argv,
     *,
-    input: Optional[bytes] = None,
+    input: Any = None,
     capture_output: bool = False,
     check: bool = False,
     timeout: Optional[float] = None,
     **spawn_kwargs: Any,
-) -> "CompletedProcess[bytes]":
+) -> "CompletedProcess[Any]":
     """Run a program to its end, as ``subprocess.run``; returns a ``CompletedProcess``.
 
-    ``input`` (bytes) is its stdin; ``capture_output=True`` pipes stdout and
-    stderr (or pass ``stdout=PIPE`` etc.).  After ``timeout`` seconds the
-    program is killed and ``subprocess.TimeoutExpired`` raised (with what it
-    had written); ``check=True`` raises ``forkserver.CalledProcessError`` for
-    a non-zero exit.  Other keywords go to ``spawn``.  (Not named ``run``:
-    ``Template.run`` runs a Python function.)
+    ``input`` (bytes, or str in text mode) is its stdin; ``capture_output=True``
+    pipes stdout and stderr (or pass ``stdout=PIPE`` etc.).  Other keywords
+    go to ``spawn``: ``text=True`` (``universal_newlines``, ``encoding``,
+    ``errors``) makes ``input`` and the captured output ``str``, as in
+    ``subprocess``; also ``executable``, ``bufsize``, ``env``, ``cwd``...
+
+    After ``timeout`` seconds the program is killed and
+    ``subprocess.TimeoutExpired`` raised, with ``timeout`` the one given and
+    the output read so far (bytes, as ``subprocess`` gives it).  That is
+    bounded even when the program left a child of its own holding the pipes
+    (``sh -c "sleep 9"``): what the pipes hold is collected without waiting
+    for their end.  ``check=True`` raises ``forkserver.CalledProcessError``
+    for a non-zero exit.  (Not named ``run``: ``Template.run`` runs a Python
+    function.)
     """
     if input is not None:
         if spawn_kwargs.get("stdin") is not None:
@@ -46,11 +54,13 @@ def run_program(
             out, err = child.communicate(input, timeout)
         except subprocess.TimeoutExpired as exc:
             child.kill()
-            exc.output, exc.stderr = child.communicate()
+            child._wait()  # killed: its exit is near, whatever its own children do
+            child._comm.drain_ready()
+            exc.output, exc.stderr = child._comm.output()
             raise
         except BaseException:
             child.kill()
-            child.wait()
+            child._wait()
             raise
     finally:
         child.close()

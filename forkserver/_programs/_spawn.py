@@ -11,8 +11,12 @@ caller's *current* fd 0, 1 or 2.
 
 from __future__ import annotations
 
+import codecs
+import io
 import os
 import signal
+import subprocess
+import sys
 from subprocess import DEVNULL, PIPE, STDOUT
 from typing import IO, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -56,9 +60,13 @@ _STAGES = {
 class _Plan:
     """A spawn ready to send: payload, fds, and what the parent keeps or closes."""
 
-    def __init__(self, args: Any, cwd: Any) -> None:
+    def __init__(self, args: Any, cwd: Any, executable: Any = None) -> None:
         self.args = args
         self.cwd = cwd  # as given, for the error of a bad one
+        self.executable = args[0] if executable is None else executable  # the errors' filename
+        self.bufsize = -1  # of our ends of the pipes, as Popen's bufsize
+        # text mode: (encoding, errors, line_buffering); None: binary pipes
+        self.text: Optional[Tuple[str, Optional[str], bool]] = None
         self.payload = b""
         self.send: List[int] = []  # the program's fds, in the order of the payload's indexes
         self.close_after_send: List[int] = []
@@ -112,6 +120,15 @@ def _encode_env(env: Mapping[Any, Any]) -> List[bytes]:
     return out
 
 
+def _encode_executable(executable: Any) -> bytes:
+    program = os.fsencode(executable)
+    if not program or b"\0" in program:
+        raise ValueError(
+            f"spawn(): executable={executable!r} must be a non-empty path without null bytes"
+        )
+    return program
+
+
 def _candidates(program: bytes, env: Mapping[Any, Any]) -> List[bytes]:
     """The paths to try, as ``execvpe`` would, with the *program's* PATH."""
     if b"/" in program:
@@ -145,6 +162,56 @@ def _fd_of(handle: Any, name: str) -> int:
     return handle
 
 
+def _text_settings(
+    text: Optional[bool], universal_newlines: Optional[bool], encoding: Optional[str],
+    errors: Optional[str], bufsize: Any,
+) -> Tuple[Optional[Tuple[str, Optional[str], bool]], int]:
+    """(text mode's (encoding, errors, line_buffering) or None, the binary layer's bufsize).
+
+    As ``Popen``: any of ``text``, ``universal_newlines``, ``encoding``,
+    ``errors`` asks for text mode; ``bufsize=1`` then means line buffering
+    (on the text layer; the binary layer keeps the default size).
+    """
+    if bufsize is None:
+        bufsize = -1
+    if isinstance(bufsize, bool) or not isinstance(bufsize, int):
+        raise TypeError(f"spawn(): bufsize must be an integer, got {bufsize!r}")
+    both = text is not None and universal_newlines is not None
+    if both and bool(text) != bool(universal_newlines):
+        raise subprocess.SubprocessError(
+            f"spawn(): text={text!r} and universal_newlines={universal_newlines!r} disagree; "
+            "pass one of them (universal_newlines is the old name of text)"
+        )
+    if not (text or universal_newlines or encoding or errors):
+        return None, bufsize
+    if encoding is None:
+        encoding = _default_encoding()
+    else:
+        codecs.lookup(encoding)  # LookupError now, before a program is started
+    line_buffering = bufsize == 1
+    return (encoding, errors, line_buffering), (-1 if line_buffering else bufsize)
+
+
+def _default_encoding() -> str:
+    """The text encoding ``Popen`` uses when none is given (and its EncodingWarning)."""
+    if getattr(sys.flags, "warn_default_encoding", 0):  # python -X warn_default_encoding
+        import warnings
+
+        frame: Any = sys._getframe(1)
+        level = 2
+        here = os.path.dirname(__file__)
+        while frame is not None and os.path.dirname(frame.f_code.co_filename) == here:
+            frame, level = frame.f_back, level + 1
+        warnings.warn("'encoding' argument not specified.", EncodingWarning, level)  # noqa: F821
+    if sys.flags.utf8_mode:
+        return "utf-8"
+    import locale
+
+    if hasattr(locale, "getencoding"):  # 3.11+
+        return locale.getencoding()
+    return locale.getpreferredencoding(False)
+
+
 def prepare(
     argv: Argv,
     stdin: StdHandle = None,
@@ -155,12 +222,21 @@ def prepare(
     pass_fds: Sequence[int] = (),
     start_new_session: bool = False,
     process_group: Optional[int] = None,
+    *,
+    executable: Union[None, str, bytes, "os.PathLike[Any]"] = None,
+    bufsize: int = -1,
+    text: Optional[bool] = None,
+    universal_newlines: Optional[bool] = None,
+    encoding: Optional[str] = None,
+    errors: Optional[str] = None,
 ) -> _Plan:
     """Check and encode a spawn request; open its pipes (closed again on error)."""
+    text_mode, bufsize = _text_settings(text, universal_newlines, encoding, errors, bufsize)
     args, bargv = _encode_argv(argv)
     env = os.environ if env is None else env
     envp = _encode_env(env)
-    paths = _candidates(bargv[0], env)
+    program = bargv[0] if executable is None else _encode_executable(executable)
+    paths = _candidates(program, env)
     if cwd is None:
         bcwd = _caller_cwd()
     else:
@@ -180,7 +256,8 @@ def prepare(
             f"spawn(): pass_fds={tuple(pass_fds)!r} includes 0-2; use stdin/stdout/stderr for those"
         )
 
-    plan = _Plan(args, cwd)
+    plan = _Plan(args, cwd, executable)
+    plan.text, plan.bufsize = text_mode, bufsize
     index: Dict[int, int] = {}  # fd to send -> its index in plan.send
 
     def slot(fd: int) -> int:
@@ -286,24 +363,48 @@ def finish(plan: _Plan, kind: int, payload: bytes) -> Child:
         raise ProtocolError(f"spawn: expected a spawned reply, got {P.NAMES.get(kind, kind)}")
     pid, err, stage = P.SPAWNED_FORMAT.unpack(payload)
     if err:
-        os.waitpid(pid, 0)  # it exited 127 right after failing; it is our child
+        try:
+            os.waitpid(pid, 0)  # it exited 127 right after failing; it is our child
+        except ChildProcessError:
+            pass  # SIGCHLD is SIG_IGN here: the kernel reaped it already
         raise _exec_error(plan, err, stage)
-    pidfd = open_pidfd(pid)
-    files = [
-        None if fd is None else open(fd, "wb" if i == 0 else "rb") for i, fd in enumerate(plan.ours)
-    ]
-    plan.ours = [None, None, None]  # owned by the file objects now
+    pidfd = open_pidfd(pid, gone_ok=True)  # a fast program under SIGCHLD=SIG_IGN is gone already
+    files = _open_pipes(plan)
     child = Child(
         pid, None, pidfd=pidfd, args=plan.args, stdin=files[0], stdout=files[1], stderr=files[2]
     )
+    if plan.text is not None:
+        child.text_mode = True
+        child.encoding, child.errors = plan.text[0], plan.text[1]
     child._communicate = communicate
     return child
+
+
+def _open_pipes(plan: _Plan) -> List[Any]:
+    """File objects for our ends of the pipes, as ``Popen`` makes them (buffering, text)."""
+    files: List[Any] = []
+    for i, fd in enumerate(plan.ours):
+        if fd is None:
+            files.append(None)
+            continue
+        f: Any = open(fd, "wb" if i == 0 else "rb", plan.bufsize)
+        plan.ours[i] = None  # owned by the file object now
+        if plan.text is not None:
+            encoding, errors, line_buffering = plan.text
+            if i == 0:
+                f = io.TextIOWrapper(
+                    f, encoding, errors, write_through=True, line_buffering=line_buffering
+                )
+            else:
+                f = io.TextIOWrapper(f, encoding, errors)
+        files.append(f)
+    return files
 
 
 def _exec_error(plan: _Plan, err: int, stage: int) -> OSError:
     """The OSError ``subprocess`` would raise: the real errno and the right filename."""
     if stage == STAGE_EXEC:
-        return OSError(err, os.strerror(err), os.fspath(plan.args[0]))
+        return OSError(err, os.strerror(err), os.fspath(plan.executable))
     if stage == STAGE_CWD:
         return OSError(
             err, os.strerror(err), os.fspath(plan.cwd) if plan.cwd is not None else os.getcwd()
@@ -371,24 +472,42 @@ def spawn(
     start_new_session: bool = False,
     process_group: Optional[int] = None,
     template: Optional[Template] = None,
+    executable: Union[None, str, bytes, "os.PathLike[Any]"] = None,
+    bufsize: int = -1,
+    text: Optional[bool] = None,
+    universal_newlines: Optional[bool] = None,
+    encoding: Optional[str] = None,
+    errors: Optional[str] = None,
 ) -> Child:
     """Start the program ``argv`` (a list; no shell) from the default template.
 
     Returns a ``Child``, your direct child process, with ``stdin``/``stdout``
-    /``stderr`` binary file objects for the streams given as
-    ``subprocess.PIPE``; ``DEVNULL``, ``STDOUT`` (stderr only), int fds and
-    file objects work as in ``subprocess``, ``None`` inherits your current fd.
-    ``env`` defaults to your *current* ``os.environ``, ``cwd`` to your current
-    directory; the program gets fds 0-2 and ``pass_fds`` (same numbers) and
-    nothing else.  A program that cannot be executed raises the real
-    ``OSError`` here (``FileNotFoundError`` with ``filename``, ...).
+    /``stderr`` file objects for the streams given as ``subprocess.PIPE``;
+    ``DEVNULL``, ``STDOUT`` (stderr only), int fds and file objects work as
+    in ``subprocess``, ``None`` inherits your current fd.  ``env`` defaults
+    to your *current* ``os.environ``, ``cwd`` to your current directory; the
+    program gets fds 0-2 and ``pass_fds`` (same numbers) and nothing else.
+    A program that cannot be executed raises the real ``OSError`` here
+    (``FileNotFoundError`` with ``filename``, ...).
+
+    As ``subprocess.Popen``: ``text=True`` (or its old name
+    ``universal_newlines``, or an ``encoding`` or ``errors``) makes the pipes
+    text files and ``communicate`` take and return ``str`` (newlines
+    translated); the default encoding is the locale's, as ``Popen``'s.
+    ``bufsize`` buffers our ends of the pipes (0: unbuffered, 1: line
+    buffered in text mode, -1: the default size).  ``executable`` is the
+    program to run in place of ``argv[0]``, which is still passed as the
+    program's ``argv[0]`` (a name without a slash is searched in ``PATH``).
+
     ``template=t`` starts it from the template ``t`` instead (it stays usable:
     spawning leaves a template as it was); the program still takes *your*
     environment, directory and stdio unless overridden -- the template only
     provides the cheap process creation.
     """
     plan = prepare(
-        argv, stdin, stdout, stderr, env, cwd, pass_fds, start_new_session, process_group
+        argv, stdin, stdout, stderr, env, cwd, pass_fds, start_new_session, process_group,
+        executable=executable, bufsize=bufsize, text=text,
+        universal_newlines=universal_newlines, encoding=encoding, errors=errors,
     )
     if template is not None:
         return spawn_from(template, plan)

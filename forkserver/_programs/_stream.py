@@ -31,8 +31,18 @@ CLOSE_GRACE = 1.0  # seconds an early-stopped program gets to notice its closed 
 STOP_GRACE = 5.0  # then SIGTERM, and this long before SIGKILL
 
 
-def spawn_args(input: Any, stderr: str) -> dict:
-    """The stdio of ``spawn`` for a stream."""
+_TEXT_OPTIONS = ("text", "universal_newlines", "encoding", "errors")
+
+
+def spawn_args(input: Any, stderr: str, spawn_kwargs: Any = ()) -> dict:
+    """The stdio of ``spawn`` for a stream (``spawn_kwargs``: the caller's other options)."""
+    text = [name for name in _TEXT_OPTIONS if name in spawn_kwargs and spawn_kwargs[name]]
+    if text:
+        raise TypeError(
+            f"stream(): {text[0]}= is not supported: a stream yields bytes chunks, which may "
+            "end inside a character; decode them with codecs.iterdecode(stream, encoding), "
+            "or use run_program(..., text=True)"
+        )
     if stderr not in STDERR_MODES:
         raise ValueError(
             f"stream(): stderr={stderr!r}; use one of {', '.join(map(repr, STDERR_MODES))}"
@@ -224,7 +234,7 @@ class Stream:
     ) -> None:
         if chunk_size <= 0:
             raise ValueError(f"stream(): chunk_size={chunk_size!r} must be positive")
-        kwargs = spawn_args(input, stderr)
+        kwargs = spawn_args(input, stderr, spawn_kwargs)
         pending, source = input_source(input, chunk_size)
         self.timeout = timeout
         self.stderr: Optional[bytes] = None

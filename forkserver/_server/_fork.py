@@ -23,6 +23,7 @@ from .._errors import BrokenChannelError
 from .._fds import HEADER, FdChannel, Frame, fork_sibling
 from ._exec import do_spawn
 from ._hygiene import check_single_threaded, set_title
+from ._setup import rehearse_setup
 from ._state import State, Work, flush_std, greet, resolve, resolve_target
 
 _SIGINT = int(signal.SIGINT)
@@ -46,6 +47,7 @@ def do_fork(state: State, frame: Frame) -> Optional[Work]:
     extra: List[Any] = []
     handles: List[Any] = []  # the fd-owning items of extra
     func = None
+    what = "fork()"  # the step an error is reported for
     try:
         if state.broken is not None:
             raise _Refused(state.broken)
@@ -55,7 +57,9 @@ def do_fork(state: State, frame: Frame) -> Optional[Work]:
             extra, handles = _decode_prelude(prelude, frame.fds[1:])
         if run is not None:
             module_name, qualname, opts = run
+            what = f"run('{module_name}:{qualname}')"
             func = resolve_target(state, module_name, qualname)
+            what = "fork()"
             # The clone inherits our name: no /proc write on its side.
             set_title("fs:" + getattr(func, "__name__", "worker"))
             opts = dict(opts, titled=True)
@@ -74,7 +78,7 @@ def do_fork(state: State, frame: Frame) -> Optional[Work]:
         if func is not None:
             set_title("fs:template")
         close_handles(handles)
-        payload = exc.args[0] if isinstance(exc, _Refused) else P.encode_error(exc, "fork()")
+        payload = exc.args[0] if isinstance(exc, _Refused) else P.encode_error(exc, what)
         new_chan.send(P.ERROR, payload)
         new_chan.close()
         return None
@@ -117,6 +121,8 @@ def _rehearse(state: State) -> None:
     """Walk a worker's start-up and exit path once, unless a command is waiting."""
     if _peek(state.chan.sock) is not None:
         return  # a command is waiting (serve it first), or EOF / an error the loop reports
+    if not state.set_up:  # a spare of the default template: Template() sends SETUP first
+        rehearse_setup(state)
     resolve(state, _REHEARSAL)
     set_title("fs:template")
     _signal.signal(_SIGINT, _signal.SIG_IGN)

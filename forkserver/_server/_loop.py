@@ -15,8 +15,6 @@ from __future__ import annotations
 import _signal
 import atexit
 import functools
-import gc
-import importlib
 import itertools
 import linecache
 import os
@@ -31,37 +29,18 @@ from .._fds import FdChannel, Frame, drop_reserve
 from ._exec import do_spawn
 from ._fork import do_fork
 from ._hygiene import set_title, watch_parent
+from ._namespace import bind_import
+from ._setup import do_setup
 from ._state import State, Work, flush_std, greet, import_checked, resolve
 
 _eval_counter = itertools.count(1)
 _SIGINT = int(signal.SIGINT)
 
 
-def _do_setup(state: State, frame: Frame) -> None:
-    ctx = P.loads(frame.payload)
-    fds = iter(frame.fds)
-    for target in ctx.get("stdio", ()):
-        fd = next(fds)
-        os.dup2(fd, target)  # dup2 makes the target inheritable, as stdio must be
-        os.close(fd)
-    if ctx.get("env") is not None:
-        os.environ.clear()
-        os.environ.update(ctx["env"])
-    if ctx.get("cwd") is not None:
-        os.chdir(ctx["cwd"])
-    if ctx.get("sys_path") is not None:
-        sys.path[:] = ctx["sys_path"]
-        importlib.invalidate_caches()
-    if "gc_freeze" in ctx:
-        state.gc_freeze = ctx["gc_freeze"]
-        if not state.gc_freeze:
-            gc.unfreeze()  # what the default template froze is collectable again
-
-
 def _do_require(state: State, frame: Frame) -> None:
     names = P.loads(frame.payload)
     for name in names:
-        import_checked(state, f"require({name!r})", functools.partial(importlib.import_module, name))
+        import_checked(state, f"require({name!r})", functools.partial(bind_import, state.namespace, name))
 
 
 def _do_eval(state: State, frame: Frame) -> None:
@@ -85,7 +64,7 @@ def _do_send_fh(state: State, frame: Frame) -> None:
 
 
 _HANDLERS = {
-    P.SETUP: _do_setup,
+    P.SETUP: do_setup,
     P.SEND_ARG: _do_send_arg,
     P.SEND_FH: _do_send_fh,
 }

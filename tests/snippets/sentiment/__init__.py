@@ -1,0 +1,1 @@
+"""Stand-in package for the docs' snippets (docs/howto/namespace.md): a tiny "model"."""
