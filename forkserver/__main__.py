@@ -1,4 +1,4 @@
-"""Command line: ``python -m forkserver bench``."""
+"""Command line: ``python -m forkserver bench|serve|run|status|stop|launcher``."""
 from __future__ import annotations
 
 import argparse
@@ -11,10 +11,12 @@ from ._bench._cli import default_preload  # noqa: F401 - benchmarks/spawn.py use
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m forkserver``."""
     from ._bench import _cli as bench_cli
+    from ._zygote import _cli as zygote_cli
 
     parser = argparse.ArgumentParser(prog="python -m forkserver")
     sub = parser.add_subparsers(dest="command", required=True)
     bench_cli.add_parser(sub)
+    zygote_cli.add_parsers(sub)
     return parser
 
 
@@ -26,6 +28,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from ._bench._cli import bench
 
         return bench(args, argv)
+    if args.command in ("serve", "run", "status", "stop", "launcher"):
+        from ._zygote._cli import dispatch
+
+        return dispatch(args)
     return 2  # unreachable: argparse rejects unknown commands
 
 
