@@ -83,6 +83,12 @@ class Zygotes:
         self.env.pop("FORKSERVER_PRELOAD", None)
         self.env["FORKSERVER_RUNTIME_DIR"] = str(directory)
         self.marker = f"FORKSERVER_RUNTIME_DIR={directory}".encode()
+        self.sockets: List[str] = []  # --socket paths outside the directory, stopped at the end
+
+    def socket(self, path: Any) -> str:
+        """An explicit ``--socket`` path, whose zygote the fixture stops too."""
+        self.sockets.append(str(path))
+        return str(path)
 
     def cmd(self, *args: str) -> List[str]:
         return [FORKSERVER, *args]
@@ -119,6 +125,8 @@ class Zygotes:
         """Stop every zygote; fail if any process of this test's zygotes is left."""
         if self.dir.is_dir():
             self.cli("stop", "--wait")
+        for path in self.sockets:
+            self.cli("stop", "--wait", "--socket", path)
         left = wait_gone(processes_with(self.marker), DEADLINE)
         left = [pid for pid in left if not zombie_or_gone(pid)]
         for pid in left:

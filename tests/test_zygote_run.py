@@ -247,7 +247,7 @@ def test_sigterm_to_the_client_reaches_the_scripts_handler(zygotes, tmp_path):
 
 
 def test_sigint_to_the_client_raises_keyboardinterrupt_in_the_script(zygotes):
-    code = "import os, time\nos.write(1, b'ready\\n')\ntry:\n    time.sleep(60)\n" \
+    code = "import os, time\ntry:\n    os.write(1, b'ready\\n')\n    time.sleep(60)\n" \
            "except KeyboardInterrupt:\n    print('caught', flush=True)\n    raise\n"
     proc = subprocess.Popen(zygotes.cmd("run", *PRELOAD, "-c", code), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=zygotes.env)
@@ -324,7 +324,7 @@ def test_a_preload_that_fails_runs_plain_python_with_a_one_line_notice(zygotes):
 
 
 def test_a_zygote_lacking_the_preload_set_runs_plain_python(zygotes, tmp_path):
-    sock = str(tmp_path / "rt" / "mine.sock")
+    sock = zygotes.socket(tmp_path / "rt" / "mine.sock")
     assert zygotes.run("--socket", sock, "--preload", "json", "-c", "pass").returncode == 0
     out = zygotes.run("--socket", sock, "--preload", "json,csv", "-c", "import sys; "
                       "print('csv' in sys.modules)")

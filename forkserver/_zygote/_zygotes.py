@@ -181,10 +181,10 @@ class Zygotes:
     def for_run(self, p0: Optional[str], cwd: str, env: Dict[str, str]) -> Tuple[Optional[Zygote], str]:
         """(the zygote to fork this run from, "") or (None, why the run cannot use one)."""
         sys_path = self.sys_path_for(p0, cwd)
+        # A name found nowhere (None) is tried all the same: the zygote's
+        # import error says why, and the failed zygote is kept (and watched)
+        # so that the next runs from here do not try again until something changed.
         origins = tuple(_child.find_origin(top, sys_path) for top in self.tops)
-        missing = [top for top, origin in zip(self.tops, origins) if origin is None]
-        if missing:
-            return None, f"{', '.join(missing)} cannot be found from {sys_path[0] if sys_path else '/'}"
         zygote = self.by_origins.get(origins)
         if zygote is not None:
             why = zygote.stale()
