@@ -110,7 +110,14 @@ def test_forkserver_run_imports_no_argparse_and_nothing_of_the_parent_side(zygot
 
 def test_the_zygote_templates_child_module_imports_no_threading():
     # _child is preloaded into every zygote template: it must keep templates lean.
-    with forkserver.Template() as tpl:
+    with forkserver.Template.new_exec() as tpl:
+        tpl.eval("import sys\nbefore = set(sys.modules)")
         tpl.require("forkserver._zygote._child")
-        tpl.eval("import sys\nbad = {'threading', 'subprocess', 'forkserver._template'} "
-                 "& set(sys.modules)\nassert not bad, bad")
+        tpl.eval("bad = {'threading', 'subprocess', 'forkserver._template'} "
+                 "& (set(sys.modules) - before)\nassert not bad, bad")
+
+
+def test_a_zygote_template_has_no_threading_after_preloading(zygotes):
+    code = "import sys; print(sorted({'threading', 'subprocess'} & set(sys.modules)))"
+    out = zygotes.run("--preload", "json", "-c", code)  # what the run inherited from its zygote
+    assert (out.returncode, out.stdout) == (0, "[]\n"), out.stderr

@@ -83,8 +83,12 @@ class Zygote:
                      self.build_ms, self.modules, len(self.files))
 
     def _build(self, env: Dict[str, str]) -> None:
-        tpl = self.template = Template.new_exec(env=env, cwd="/", sys_path=self.sys_path)
+        tpl = self.template = Template.new_exec(env=env, cwd="/")
         try:
+            # sys.path set by eval, not new_exec(sys_path=): that one calls
+            # importlib.invalidate_caches(), which on 3.12+ imports
+            # importlib.metadata and threading (30 ms) into the template.
+            tpl.eval("import sys\nsys.path[:] = args[0]", self.sys_path)
             tpl.require(CHILD, *self.preload)
         except Exception as exc:  # remote ImportError & co: the template itself is fine
             self.error = _describe(exc)
