@@ -377,3 +377,17 @@ def test_a_script_that_forks_a_subprocess_group_is_killed_whole_with_its_client(
         assert wait_gone([grandchild], 30) == []  # the whole process group went
     finally:
         proc.stdout.close()
+
+
+def test_a_zygote_that_never_answers_does_not_hang_the_client(zygotes, tmp_path):
+    hung = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # accepts (backlog), never replies
+    path = str(tmp_path / "hung.sock")
+    hung.bind(path)
+    hung.listen(1)
+    try:
+        env = dict(zygotes.env, FORKSERVER_REPLY_TIMEOUT="0.5")
+        out = zygotes.run("--socket", path, *PRELOAD, "-c", "print('plain')", env=env)
+    finally:
+        hung.close()
+    assert (out.returncode, out.stdout) == (0, "plain\n")
+    assert "did not answer within 0.5 s" in out.stderr and "running plain python" in out.stderr

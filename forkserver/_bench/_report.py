@@ -93,6 +93,9 @@ def goals(scenarios: List[S.Scenario], settings: S.Settings) -> List[dict]:
               _ratio(m("exec", S.FS_SPAWN), m("exec", S.SUBPROCESS)), 1.5, "x",
               missing=f"{S.FS_SPAWN} not available yet" if exec_ran else None),
         _goal("idle forkserver worker USS <= 1.5 MiB", m("idle_uss", S.FS), 1.5, "MiB"),
+        _goal("zygote: launcher >= 10x faster than python script.py",
+              _ratio(m("zygote", "python script.py"), m("zygote", "forkserver launcher (-IS)")),
+              10.0, "x", at_least=True),
     ]
 
 

@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from . import _core as B
 from ._workers import bare_fork, settle, start_and_reap, stop_default_template
 
-SCENARIOS = ("start", "back_to_back", "big_parent", "exec", "idle_uss")
+SCENARIOS = ("start", "back_to_back", "big_parent", "exec", "idle_uss", "zygote")
 BLOCK = 10  # back_to_back: workers per sample, one right after the other
 TRUE = "/bin/true"
 
@@ -230,10 +230,18 @@ def idle_uss(bench: Bench) -> Scenario:
     return sc
 
 
-RUNNERS = {"start": start, "back_to_back": back_to_back, "big_parent": big_parent, "exec": exec_true, "idle_uss": idle_uss}
+def zygote(bench: Bench) -> Scenario:
+    """A script's start: forkserver run (a zygote) vs python script.py (``_zygote.py``)."""
+    from ._zygote import run_zygote
+
+    return Scenario(*run_zygote(bench))
+
+
+RUNNERS = {"start": start, "back_to_back": back_to_back, "big_parent": big_parent, "exec": exec_true, "idle_uss": idle_uss,
+           "zygote": zygote}
 TITLES = {"start": "worker start -> ran -> reaped", "back_to_back": "workers back to back",
           "big_parent": "the same from a big parent",
-          "exec": f"exec {TRUE}", "idle_uss": "idle worker USS"}
+          "exec": f"exec {TRUE}", "idle_uss": "idle worker USS", "zygote": "script start via a zygote"}
 
 
 def run(settings: Settings, progress: B.Progress) -> List[Scenario]:

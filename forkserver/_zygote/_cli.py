@@ -76,7 +76,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     preload = W.split_preload(args.preload or "")
-    path = W.fsencode(args.socket) if args.socket else None
+    path = W.fsencode(os.path.abspath(args.socket)) if args.socket else None
     if args.foreground:
         base = list(sys.path) if getattr(sys.flags, "safe_path", False) else sys.path[1:]
         return serve(preload, path, args.idle_timeout, base_path=base, to_stderr=True)

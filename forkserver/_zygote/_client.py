@@ -48,6 +48,8 @@ FORWARDED = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT, _
 CORE_SIGNALS = (_signal.SIGQUIT, _signal.SIGILL, _signal.SIGTRAP, _signal.SIGABRT, _signal.SIGBUS,
                 _signal.SIGFPE, _signal.SIGSEGV, _signal.SIGXCPU, _signal.SIGXFSZ, _signal.SIGSYS)
 START_TIMEOUT = 60.0  # seconds a zygote may take to listen after it was started
+# seconds a zygote may take to start a run (a first preload included); then plain python
+REPLY_TIMEOUT = float(posix.environ.get(b"FORKSERVER_REPLY_TIMEOUT", b"300"))
 BOOT = ("import sys; del sys.path[0]; from forkserver._zygote._serve import daemon_main; "
         "sys.exit(daemon_main(sys.argv[1:]))")
 
@@ -98,7 +100,8 @@ def parse(argv):
             if name == "--preload":
                 opts.preload = W.split_preload(value)
             elif name == "--socket":
-                opts.socket = W.fsencode(value)
+                path = W.fsencode(value)  # absolute: the zygote it starts works from /
+                opts.socket = path if path.startswith(b"/") else posix.getcwdb() + b"/" + path
             else:
                 opts.idle_timeout = _seconds(value)
         elif arg == "--no-start":
@@ -356,7 +359,13 @@ def run(opts):
         W.send_fds(sock, data, stdio + [status_w])
         state.sent(sock)
         reader = W.RecordReader(sock)
-        reply = reader.next()
+        sock.settimeout(REPLY_TIMEOUT)  # a hung zygote must not hang us (Spring #265)
+        try:
+            reply = reader.next()
+        except W.Timeout:
+            reply = (W.FALLBACK, b"the zygote at %s did not answer within %g s (see its log; "
+                     b"`forkserver stop` ends it)" % (path, REPLY_TIMEOUT))
+        sock.settimeout(None)
         tag = reply[0] if reply else None
         if tag == W.STARTED:
             break
@@ -387,12 +396,9 @@ def run(opts):
 
 def orphaned(state, status_r):
     """The zygote died during the run: wait for the run's own report on the status pipe."""
-    said = b""
-    while True:
-        chunk = posix.read(status_r, 64)
-        if not chunk:
-            break
-        said += chunk
+    # One read: the run writes its status in one write (atomic in a pipe), and
+    # a process it forked may hold the pipe open for long after.
+    said = posix.read(status_r, 64)
     if said[:1] in (b"c", b"s"):
         return end_as(said.strip())
     posix.write(2, b"forkserver: the zygote died during the run; the script (pid %d) ended "

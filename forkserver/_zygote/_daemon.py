@@ -351,8 +351,8 @@ class Daemon:
         os.close(run.pidfd)
         del self.runs[run.pidfd]
         status = b"s%d" % -code if code < 0 else b"c%d" % code
-        log.info("run %d (%s) ended: %s after %.3f s", run.pid, run.argv0,
-                 status.decode(), time.monotonic() - run.started)
+        log.info("run %d (%s) ended: %s after %.2f ms", run.pid, run.argv0[:60],
+                 status.decode(), (time.monotonic() - run.started) * 1e3)
         if run.conn is not None:
             run.conn.send(W.EXITED, status)
             self._drop(run.conn)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import logging
+import logging.handlers
 import os
 import posix
 import socket
@@ -190,7 +191,9 @@ def _say(fd: Optional[int], what: bytes) -> None:
 def _logging(path: str, to_stderr: bool) -> None:
     log.setLevel(logging.INFO)
     fmt = logging.Formatter("%(asctime)s pid %(process)d %(levelname)s %(message)s")
-    handler: logging.Handler = logging.FileHandler(path)
+    # One run is one line: bounded at 1 MiB and one older file.
+    handler: logging.Handler = logging.handlers.RotatingFileHandler(path, maxBytes=1 << 20,
+                                                                     backupCount=1)
     handler.setFormatter(fmt)
     log.addHandler(handler)
     if to_stderr:

@@ -61,6 +61,9 @@ INFO = b"J"  # a status reply: JSON text
 STOPPING = b"Z"  # a stop reply: JSON text
 
 
+Timeout = _socket.timeout  # a socket's timeout error (TimeoutError from Python 3.10 on)
+
+
 class Unusable(Exception):
     """This zygote socket, or its directory, cannot be used (the message says why)."""
 
