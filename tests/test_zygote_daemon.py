@@ -384,10 +384,13 @@ def test_a_zygote_that_never_answers_does_not_hang_the_client(zygotes, tmp_path)
     path = str(tmp_path / "hung.sock")
     hung.bind(path)
     hung.listen(1)
+    env = dict(zygotes.env, FORKSERVER_REPLY_TIMEOUT="0.5")
+    proc = subprocess.Popen(zygotes.cmd("run", "--socket", path, *PRELOAD, "-c", "print('plain')"),
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        env = dict(zygotes.env, FORKSERVER_REPLY_TIMEOUT="0.5")
-        out = zygotes.run("--socket", path, *PRELOAD, "-c", "print('plain')", env=env)
+        assert proc.wait(30) == 0  # not EOF: the unread request still holds its stdio fds
     finally:
-        hung.close()
-    assert (out.returncode, out.stdout) == (0, "plain\n")
-    assert "did not answer within 0.5 s" in out.stderr and "running plain python" in out.stderr
+        hung.close()  # now the fds queued with the request go, and our pipes reach EOF
+    out, err = proc.communicate(timeout=30)
+    assert out == b"plain\n"
+    assert b"did not answer within 0.5 s" in err and b"running plain python" in err
