@@ -23,6 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["run"]:  # its arguments are the script's: argparse would take its options
+        from ._zygote._client import main as run
+
+        return run(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "bench":
         from ._bench._cli import bench

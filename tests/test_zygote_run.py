@@ -343,3 +343,10 @@ def test_bad_command_lines_are_refused_with_usage(zygotes):
 def test_options_after_the_script_belong_to_the_script(zygotes, tmp_path):
     out = zygotes.run(*PRELOAD, "-c", "import sys; print(sys.argv)", "--preload", "x", "-m")
     assert out.stdout == "['-c', '--preload', 'x', '-m']\n"
+
+
+def test_python_dash_m_forkserver_run_is_the_same_command(zygotes):
+    out = subprocess.run([sys.executable, "-m", "forkserver", "run", *PRELOAD, "-c",
+                          "import sys; print(sys.argv); sys.exit(9)", "-b"], env=zygotes.env,
+                         capture_output=True, text=True, timeout=30)
+    assert (out.returncode, out.stdout) == (9, "['-c', '-b']\n"), out.stderr

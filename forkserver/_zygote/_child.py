@@ -300,7 +300,7 @@ def _finish(code, killed_by, status_fd, before):
     threading = sys.modules.get("threading")
     try:
         if threading is not None:
-            threading._shutdown()  # type: ignore[attr-defined]
+            threading._shutdown()
     except BaseException:
         pass
     import atexit

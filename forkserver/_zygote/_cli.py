@@ -34,6 +34,7 @@ def add_parsers(sub: Any) -> None:
                    help="stop after S seconds without runs; 0: never (default %(default)g)")
     p.add_argument("--foreground", action="store_true",
                    help="serve in this process (logs on stderr too) instead of in the background")
+    # Listed for --help only: `run ...` goes to _client.main before argparse sees it.
     p = sub.add_parser("run", help="run a script, -m module or -c code in a zygote",
                        add_help=False, description=_client.USAGE)
     p.add_argument("args", nargs=argparse.REMAINDER)

@@ -26,7 +26,7 @@ import sys
 try:
     from . import _wire as W
 except ImportError:  # the launcher: this directory is sys.path[0]
-    import _wire as W  # type: ignore[no-redef]
+    import _wire as W  # type: ignore[no-redef,import-not-found]
 
 USAGE = """\
 usage: forkserver run [--preload MOD,...] [--socket PATH] [--no-start] [--detach]

@@ -25,7 +25,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from .._errors import ForkserverError
 from . import _child, _wire as W
@@ -48,7 +48,7 @@ class Conn:
         self.run: Optional["Run"] = None
         self.open = True
 
-    def send(self, tag: bytes, data: bytes = b"", fds: List[int] = ()) -> None:
+    def send(self, tag: bytes, data: bytes = b"", fds: Sequence[int] = ()) -> None:
         """One reply record; a client that is gone or not reading is not waited for."""
         try:
             self.sock.setblocking(True)

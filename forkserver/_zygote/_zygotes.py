@@ -77,7 +77,7 @@ class Zygote:
                         ",".join(self.preload) or "(nothing)", self.error)
             self.close()
         self.build_ms = (time.monotonic() - t0) * 1e3
-        if self.error is None:
+        if self.template is not None:
             log.info("zygote %d: pid %d preloaded %s in %.0f ms (%d modules, %d files watched)",
                      generation, self.template.pid, ",".join(self.preload) or "(nothing)",
                      self.build_ms, self.modules, len(self.files))
@@ -101,6 +101,7 @@ class Zygote:
         child = tpl.fork().send_arg(self.preload).run(f"{CHILD}:report")
         try:
             sock = child.control
+            assert sock is not None  # a worker's control socket
             sock.settimeout(REPORT_TIMEOUT)
             data = b""
             while len(data) < 8 or len(data) < 8 + int.from_bytes(data[:8], "little"):
