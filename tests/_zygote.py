@@ -138,8 +138,11 @@ class Zygotes:
 
 
 @pytest.fixture
-def zygotes(tmp_path: Path):
-    """A private zygote directory (``FORKSERVER_RUNTIME_DIR``); everything stopped after."""
+def zygotes(tmp_path: Path, no_leaks):
+    """A private zygote directory (``FORKSERVER_RUNTIME_DIR``); everything stopped after.
+
+    ``no_leaks`` is set up first and checked last: after the zygotes are stopped.
+    """
     directory = tmp_path / "rt"
     directory.mkdir(mode=0o700)
     z = Zygotes(directory)

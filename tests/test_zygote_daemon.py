@@ -312,6 +312,7 @@ def test_serve_reports_a_preload_that_fails(zygotes):
     out = zygotes.cli("serve", "--preload", "no_such_module_for_serve")
     assert out.returncode == 1
     assert "No module named 'no_such_module_for_serve'" in out.stdout
+    assert "stopped it" in out.stdout and not list(zygotes.dir.glob("*.sock"))
 
 
 def test_serve_in_the_foreground_logs_to_stderr_and_stops_when_idle(zygotes):

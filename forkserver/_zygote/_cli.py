@@ -96,6 +96,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for z in info["zygotes"]:
         if z["error"]:
             print(f"  preloading {','.join(z['preload'])} failed: {z['error']}")
+            if not already:
+                ask(path, b"stop")  # ours, and of no use: not left behind
+                print("  stopped it")
             return 1
         print(f"  template pid {z['pid']}: {','.join(z['preload']) or 'nothing'} preloaded in "
               f"{z['build_ms']:.0f} ms ({z['modules']} modules)")

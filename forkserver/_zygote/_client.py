@@ -247,6 +247,9 @@ def start_daemon(path, lock, opts):
                     posix.O_WRONLY | posix.O_APPEND | posix.O_CREAT, 0o600),
                    (posix.POSIX_SPAWN_DUP2, 1, 2)]
         posix.posix_spawn(sys.executable, argv, posix.environ, file_actions=actions, setsid=True)
+    except OSError as exc:
+        posix.close(ready_r)
+        raise StartFailed(f"the zygote could not be started: {exc}") from None
     finally:
         posix.set_inheritable(lock, False)
         posix.close(ready_w)

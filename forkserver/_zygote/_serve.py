@@ -156,12 +156,16 @@ def _clear(path: bytes) -> None:
 
 
 def own_files() -> Dict[str, object]:
-    """forkserver's own sources, watched: an upgrade or edit replaces this daemon."""
+    """forkserver's own sources and this interpreter's build of its C module, watched:
+    an upgrade or edit replaces this daemon (another Python's build does not)."""
+    from importlib.machinery import EXTENSION_SUFFIXES
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    suffixes = (".py", *EXTENSION_SUFFIXES)
     files: Dict[str, object] = {}
     for dirpath, _, names in os.walk(root):
         for name in names:
-            if name.endswith(".py") or name.endswith(".so"):
+            if name.endswith(suffixes):
                 full = os.path.join(dirpath, name)
                 files[full] = _stat(full)
     return files
