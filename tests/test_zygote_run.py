@@ -224,20 +224,21 @@ def test_signals_ignored_where_the_client_started_are_ignored_in_the_script(zygo
     assert ours.stdout == plain.stdout == "True True\n"
 
 
-def test_sigterm_to_the_client_reaches_the_scripts_handler(zygotes, tmp_path):
-    ready = tmp_path / "ready"
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+                                 signal.SIGUSR2])
+def test_a_signal_to_the_client_reaches_the_scripts_handler(zygotes, sig):
     code = textwrap.dedent(f"""\
         import signal, sys, os
-        signal.signal(signal.SIGTERM, lambda *a: sys.exit(5))
-        open({str(ready)!r}, "w").close()
+        signal.signal({int(sig)}, lambda *a: sys.exit(5))
         os.write(1, b"ready\\n")
-        signal.pause()
+        while True:
+            signal.pause()
         """)
     proc = subprocess.Popen(zygotes.cmd("run", *PRELOAD, "-c", code), stdout=subprocess.PIPE,
                             env=zygotes.env)
     try:
         assert proc.stdout.readline() == b"ready\n"
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         assert proc.wait(30) == 5
     finally:
         proc.stdout.close()
@@ -306,6 +307,32 @@ def test_twenty_concurrent_runs_each_get_their_own_output_and_status(zygotes):
         results.append((proc.returncode, out))
     assert results == [(i, b"%d\n" % i) for i in range(20)]
     assert len([s for s in zygotes.status() if not s.get("stale")]) == 1  # one zygote started
+
+
+def _many_runs(zygotes, count, at_once):
+    """``count`` runs, ``at_once`` at a time: each exits with, or dies of, what it was told."""
+    codes = [i % 7 if i % 5 else -signal.SIGTERM for i in range(count)]
+    results, live = [], []
+    for i, code in enumerate(codes):
+        action = f"sys.exit({code})" if code >= 0 else f"os.kill(os.getpid(), {-code})"
+        live.append((code, subprocess.Popen(zygotes.cmd("run", *PRELOAD, "-c", (
+            f"import os, sys; print({i}, flush=True); {action}")), stdout=subprocess.PIPE,
+            env=zygotes.env)))
+        if len(live) == at_once or i == count - 1:
+            for want, proc in live:
+                out, _ = proc.communicate(timeout=120)
+                results.append((proc.returncode == want, out.strip().isdigit()))
+            live = []
+    assert results == [(True, True)] * count
+
+
+def test_a_hundred_runs_twenty_at_a_time_keep_their_codes_and_signals(zygotes):
+    _many_runs(zygotes, 100, 20)
+
+
+@pytest.mark.slow
+def test_a_thousand_runs_forty_at_a_time_keep_their_codes_and_signals(zygotes):
+    _many_runs(zygotes, 1000, 40)
 
 
 def test_runs_get_different_numpy_global_random_numbers(zygotes):
