@@ -395,3 +395,16 @@ def test_a_zygote_that_never_answers_does_not_hang_the_client(zygotes, tmp_path)
     out, err = proc.communicate(timeout=30)
     assert out == b"plain\n"
     assert b"did not answer within 0.5 s" in err and b"running plain python" in err
+
+
+def test_a_zygote_template_that_died_is_rebuilt_and_runs_go_on(zygotes):
+    assert zygotes.run(*PRELOAD, "-c", "pass").returncode == 0
+    (template,) = zygotes.daemon()["zygotes"]
+    os.kill(template["pid"], signal.SIGKILL)
+    assert wait_gone([template["pid"]], 30) == []
+    for i in range(3):  # its spare clone may serve one more; then a new template is built
+        out = zygotes.run(*PRELOAD, "-c", f"print({i})")
+        assert (out.returncode, out.stdout, out.stderr) == (0, f"{i}\n", "")
+    (rebuilt,) = zygotes.daemon()["zygotes"]
+    assert rebuilt["generation"] == 2 and rebuilt["pid"] != template["pid"]
+    assert "building a new one" in zygotes.logs()

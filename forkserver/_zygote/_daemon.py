@@ -112,7 +112,6 @@ class Daemon:
         self.started = time.time()
         self.last_active = time.monotonic()
         self.runs_started = 0
-        self.env = dict(os.environ)
         listener.setblocking(False)
         self.sel.register(listener, selectors.EVENT_READ, self._accept)
         self._wake_r, self._wake_w = socket.socketpair()
@@ -305,8 +304,8 @@ class Daemon:
         if spec is None:
             self._refuse(conn, "malformed run request")
             return
-        zygote, why = self.zygotes.for_run(spec["path0"], spec["cwd"], spec["env_str"])
-        del spec["env_str"]
+        env = spec.pop("env_str")  # for a template built now: its imports see the run's environment
+        zygote, why = self.zygotes.for_run(spec["path0"], spec["cwd"], env)
         if zygote is None:
             self._fallback(conn, why)
             return
@@ -315,7 +314,7 @@ class Daemon:
                 child = zygote.start(spec, conn.fds)
             except ForkserverError as exc:  # its template died, or cannot fork (threads)
                 log.warning("zygote %d: %s; building a new one", zygote.generation, exc)
-                zygote = self.zygotes.rebuild(zygote, spec["env"])
+                zygote = self.zygotes.rebuild(zygote, env)
                 if zygote.error is not None:
                     self._fallback(conn, f"the zygote failed ({zygote.error})")
                     return

@@ -68,10 +68,13 @@ class Zygote:
         self.origins: Dict[str, Optional[str]] = {}
         self.modules = 0
         self.runs = 0
+        self.dirs: Dict[str, Stat] = {}  # sys.path directories, watched after a failed build
+        dirs = {p: _stat(p) for p in sys_path if p}  # as they were before the imports
         t0 = time.monotonic()
         try:
             self._build(env)
         except Exception as exc:  # an import error of the user's, a template that died
+            self.dirs = dirs
             self.error = self.error or _describe(exc)
             log.warning("zygote %d: preloading %s failed: %s", generation,
                         ",".join(self.preload) or "(nothing)", self.error)
@@ -128,12 +131,6 @@ class Zygote:
             if path is not None:
                 return f"{path} changed"
         return None
-
-    @property
-    def dirs(self) -> Dict[str, Stat]:
-        if not hasattr(self, "_dirs"):
-            self._dirs = {p: _stat(p) for p in self.sys_path if p}
-        return self._dirs
 
     def start(self, spec: Dict[str, Any], fds: Sequence[int]):
         """Fork the run: a ``Child`` running ``_child.main(control, spec, *fds)``."""
