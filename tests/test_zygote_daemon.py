@@ -408,3 +408,13 @@ def test_a_zygote_template_that_died_is_rebuilt_and_runs_go_on(zygotes):
     (rebuilt,) = zygotes.daemon()["zygotes"]
     assert rebuilt["generation"] == 2 and rebuilt["pid"] != template["pid"]
     assert "building a new one" in zygotes.logs()
+
+
+def test_each_preload_set_gets_its_own_zygote_side_by_side(zygotes):
+    code = "import sys; print(sorted({'json', 'csv'} & set(sys.modules)))"
+    assert zygotes.run("--preload", "json", "-c", code).stdout == "['json']\n"
+    assert zygotes.run("--preload", "csv", "-c", code).stdout == "['csv']\n"
+    assert zygotes.run("--preload", "csv,json", "-c", code).stdout == "['csv', 'json']\n"
+    live = [s for s in zygotes.status() if not s.get("stale")]
+    assert sorted(tuple(s["preload"]) for s in live) == [("csv",), ("csv", "json"), ("json",)]
+    assert len({s["socket"] for s in live}) == len({s["pid"] for s in live}) == 3
