@@ -121,3 +121,19 @@ def test_a_zygote_template_has_no_threading_after_preloading(zygotes):
     code = "import sys; print(sorted({'threading', 'subprocess'} & set(sys.modules)))"
     out = zygotes.run("--preload", "json", "-c", code)  # what the run inherited from its zygote
     assert (out.returncode, out.stdout) == (0, "[]\n"), out.stderr
+
+
+def test_the_socket_directory_is_under_xdg_runtime_dir_when_that_is_ours(tmp_path):
+    xdg = tmp_path / "xdg"
+    xdg.mkdir(mode=0o700)
+    assert W.runtime_dir({b"XDG_RUNTIME_DIR": bytes(xdg)}) == bytes(xdg / "forkserver")
+    assert (xdg / "forkserver").stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a directory of another uid")
+def test_an_xdg_runtime_dir_of_another_user_is_passed_over_for_tmp(tmp_path):
+    xdg = tmp_path / "theirs"
+    xdg.mkdir(mode=0o700)
+    os.chown(xdg, 65534, 65534)  # as `sudo -E` keeps the invoking user's
+    assert W.runtime_dir({b"XDG_RUNTIME_DIR": bytes(xdg)}) == b"/tmp/forkserver-0"
+    assert not (xdg / "forkserver").exists()

@@ -159,17 +159,26 @@ def peer_credentials(sock):
 # -- the directory and the key -----------------------------------------------------
 
 
-def runtime_dir():
-    """The per-user socket directory (bytes), created and checked (see the module docs)."""
-    env = posix.environ
+def runtime_dir(environ=None):
+    """The per-user socket directory (bytes), created and checked (see the module docs).
+
+    An ``$XDG_RUNTIME_DIR`` that is missing or not ours (``sudo`` keeps the
+    invoking user's) is passed over for ``/tmp/forkserver-$UID``.
+    """
+    env = posix.environ if environ is None else environ
     path = env.get(b"FORKSERVER_RUNTIME_DIR")
-    if not path:
-        xdg = env.get(b"XDG_RUNTIME_DIR", b"")
-        if xdg.startswith(b"/"):
-            ensure_private_dir(xdg, create=False, strict=False)
-            path = xdg.rstrip(b"/") + b"/forkserver"
-        else:
-            path = b"/tmp/forkserver-%d" % posix.geteuid()
+    if path:
+        ensure_private_dir(path)
+        return path
+    xdg = env.get(b"XDG_RUNTIME_DIR", b"")
+    try:
+        if not xdg.startswith(b"/"):
+            raise Unusable("no absolute $XDG_RUNTIME_DIR")
+        ensure_private_dir(xdg, create=False, strict=False)
+    except Unusable:
+        path = b"/tmp/forkserver-%d" % posix.geteuid()
+    else:
+        path = xdg.rstrip(b"/") + b"/forkserver"
     ensure_private_dir(path)
     return path
 
