@@ -22,6 +22,8 @@ EXPECTED = {
     "idle_uss": {"forkserver", "mp forkserver + preload", "mp spawn"},
     "start_ran": {"forkserver", "mp forkserver + preload", "os.fork, small process"},
     "first_reply": {"forkserver Template()", "a fork() of a ready template", "Template.new_exec()"},
+    "zygote": {"forkserver run", "forkserver launcher (-IS)", "python script.py",
+               "python -IS -c pass"},
 }
 
 
@@ -41,8 +43,8 @@ def test_bench_quick_writes_every_scenario_with_positive_numbers(tmp_path, capsy
         for row in scenario["contenders"]:
             _check_row(key, row)
     assert data["machine"]["cpus"] > 0 and data["machine"]["kernel"]
-    # start x2, back to back x2, big parent, exec, USS, start -> ran, first reply
-    assert len(data["goals"]) == 9 and all("met" in g for g in data["goals"])
+    # start x2, back to back x2, big parent, exec, USS, start -> ran, first reply, zygote
+    assert len(data["goals"]) == 10 and all("met" in g for g in data["goals"])
     assert all(g["value"] is not None for g in data["goals"]), data["goals"]
     out, err = capsys.readouterr()
     assert "vs forkserver" in out and "goals" in out

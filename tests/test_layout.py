@@ -32,7 +32,8 @@ LAYERS = [
     ]),
     ("rooms", ["forkserver._programs", "forkserver._pool", "forkserver._supervise", "forkserver._zygote"]),
     ("bench", ["forkserver._bench"]),
-    ("public face", ["forkserver", "forkserver.aio", "forkserver.worker", "forkserver.__main__"]),
+    ("public face", ["forkserver", "forkserver.aio", "forkserver.worker", "forkserver.__main__",
+                     "forkserver._console"]),
 ]
 
 
