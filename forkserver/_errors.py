@@ -21,6 +21,9 @@ __all__ = [
     "ThreadedTemplateError",
     "PidfdUnavailableError",
     "CalledProcessError",
+    "ReloadError",
+    "MemberFailedError",
+    "BrokenSupervisorError",
 ]
 
 
@@ -81,6 +84,31 @@ class ThreadedTemplateError(ForkserverError):
 
 class PidfdUnavailableError(ForkserverError):
     """This kernel or Python has no pidfd_open: forkserver needs Linux 5.3 or newer."""
+
+
+class ReloadError(ForkserverError):
+    """A ``Supervisor.reload()`` stopped: a member of the new start could not be started.
+
+    The members already replaced were rolled back to the old start, so the
+    supervisor runs what it ran before; ``__cause__`` is the start's error
+    (an ``ImportError`` from the new code, say).
+    """
+
+
+class MemberFailedError(ForkserverError):
+    """A supervised slot gave up (crash loop, or a restart policy that says no more).
+
+    Raised by a wait that cannot be satisfied any more; the message names
+    the slot and its reason.  ``Supervisor.reload()`` or ``resize()`` start
+    failed slots again.
+    """
+
+
+class BrokenSupervisorError(ForkserverError):
+    """A supervisor's thread failed unexpectedly; its members were killed and reaped.
+
+    ``__cause__`` is the error.  Make a new ``Supervisor``.
+    """
 
 
 # ``CalledProcessError`` subclasses ``subprocess.CalledProcessError``, and

@@ -1,0 +1,586 @@
+"""The supervising thread: one loop polling every member's pidfd and pipes (parent side).
+
+One thread per supervisor, none per member.  Each turn of the loop, with
+the lock held, it takes the next request, runs the timers that are due (stop
+ladders, stale checks, samples, throttle cycles), decides which slots need a
+new process, and notes the callbacks to make; then, without the lock, it
+makes the callbacks and starts the processes (a fork from a template's
+spare takes about a millisecond), and polls: a pidfd becomes readable when
+its process exits (no SIGCHLD handler, no ``waitpid(-1)``: other libraries'
+children are left alone), a worker's control socket when it sends a
+heartbeat, a program's pipe when it prints, the wake pipe when a method of
+``Supervisor`` queued a request.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import select
+import signal
+import threading
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
+
+from .._errors import BrokenSupervisorError, ClosedError, ReloadError
+from .._reaper import reaper
+from .._wait import ReapedElsewhere
+from ._limits import Limits
+from ._member import Proc, Slot, all_procs, classify, retiring_status
+from ._policy import Clock, Policy
+from ._requests import Reload, Request, Resize, Stop
+from ._status import FAILED, FINISHED, FINISHING, KILLED, RUNNING, STARTING, SupervisorStatus
+
+log = logging.getLogger("forkserver.supervise")
+
+Job = Tuple[Slot, Any, int, bool]  # slot, start spec, generation, replaces the slot's process
+
+
+class Engine:
+    """A supervisor's state and its thread (see the module docstring)."""
+
+    def __init__(self, spec: Any, size: int, policy: Policy, limits: Optional[Limits],
+                 stale_timeout: Optional[float], stop_signals: Tuple[int, ...], grace: float,
+                 progress: Optional[Callable[[str], Any]], callbacks: Dict[str, Any],
+                 clock: Optional[Clock] = None) -> None:
+        self.cond = threading.Condition(threading.RLock())
+        self.clock = clock or Clock()
+        self.spec, self.generation, self._generations = spec, 0, 0
+        self.policy, self.limits, self.stale = policy, limits, stale_timeout
+        self.signals, self.grace, self.progress = stop_signals, grace, progress
+        self.callbacks = callbacks
+        now, wall = self.clock.monotonic(), self.clock.time()
+        self.slots: List[Slot] = [Slot(i, now, wall) for i in range(size)]
+        self.retiring: List[Proc] = []
+        self.requests: Deque[Request] = collections.deque()
+        self.active: Optional[Request] = None
+        self.phase = "running"  # stopping, stopped, broken
+        self.error: Optional[str] = None
+        self._stop_request: Optional[Stop] = None
+        self.reloads = 0
+        self.version = 0
+        self.turns = 0
+        self._dirty = True
+        self._calls: List[Tuple[Callable[..., Any], tuple]] = []
+        self._async: Set[Tuple[Any, Any]] = set()  # (event loop, asyncio.Event) of awaiting coroutines
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.thread = threading.Thread(target=self._run, name="forkserver-supervisor", daemon=True)
+
+    # -- called from any thread ---------------------------------------------------------
+
+    def submit(self, req: Request) -> Request:
+        """Queue ``req`` (a stop goes first) and wake the thread."""
+        try:
+            with self.cond:
+                if isinstance(req, Stop) and self._stop_request is not None:
+                    return self._stop_request  # stopping or stopped already: the same stop
+                if self.phase == "broken" and isinstance(req, Stop):
+                    req.finish()
+                elif self.phase != "running":
+                    req.finish(self._closed_error(req.kind))
+                elif isinstance(req, Stop):
+                    self._stop_request = req
+                    self.requests.appendleft(req)
+                else:
+                    self.requests.append(req)
+        finally:
+            self.wake()
+        return req
+
+    def wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass  # already woken, or the thread has ended (the pipe is closed)
+
+    def snapshot(self) -> SupervisorStatus:
+        with self.cond:
+            now, wall = self.clock.monotonic(), self.clock.time()
+            return SupervisorStatus(
+                state=self.phase, size=sum(1 for s in self.slots if not s.removing),
+                generation=self.generation, reloads=self.reloads,
+                members=tuple(s.status(now) for s in self.slots),
+                retiring=tuple(retiring_status(p, now, wall) for p in self.retiring),
+                error=self.error,
+            )
+
+    def add_waiter(self, loop: Any, event: Any) -> None:
+        """Have ``event`` (an asyncio.Event of ``loop``) set at every change."""
+        with self.cond:
+            self._async.add((loop, event))
+
+    def remove_waiter(self, loop: Any, event: Any) -> None:
+        with self.cond:
+            self._async.discard((loop, event))
+
+    def _closed_error(self, what: str) -> Exception:
+        if self.phase == "broken":
+            return BrokenSupervisorError(f"{what}: the supervisor broke ({self.error}); make a new one")
+        return ClosedError(f"{what}: the supervisor was stopped; make a new one")
+
+    # -- the thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self.cond:
+                    now = self.clock.monotonic()
+                    self._take_requests(now)
+                    self._timers(now)
+                    jobs = self._jobs(now)
+                    self._check_requests(now)
+                    done = self._maybe_stopped()
+                    self._publish()
+                    self._turned()
+                self._make_calls()
+                if done:  # every member reaped, every callback made
+                    with self.cond:
+                        self._close_wake()
+                        self.phase = "stopped"
+                        self._stop_request.finish()  # type: ignore[union-attr]
+                        self._dirty = True
+                        self._publish()
+                    return
+                for job in jobs:
+                    self._start(job)
+                if not jobs:
+                    self._poll()
+        except BaseException as exc:  # a bug of ours: end cleanly, never orphan a member
+            self._broke(exc)
+        finally:
+            with self.cond:
+                self._close_wake()
+
+    def _close_wake(self) -> None:  # lock held
+        if self._wake_w >= 0:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
+
+    def _publish(self) -> None:  # lock held
+        if not self._dirty:
+            return
+        self._dirty = False
+        self.version += 1
+        self.cond.notify_all()
+        for loop, event in list(self._async):
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # its loop is closed
+                self._async.discard((loop, event))
+
+    def _turned(self) -> None:  # lock held
+        # Counted at the end of both locked sections of a turn, so two more
+        # than now means a whole turn has begun since (tests/_fake_clock.py).
+        self.turns += 1
+        self.cond.notify_all()
+
+    def _make_calls(self) -> None:
+        with self.cond:
+            calls, self._calls = self._calls, []
+        for func, args in calls:
+            try:
+                func(*args)
+            except BaseException:  # never let a callback end the supervision
+                log.exception("supervisor callback %r raised (ignored)", func)
+
+    def _emit(self, name: str, *args: Any) -> None:  # lock held
+        func = self.callbacks.get(name)
+        if func is not None:
+            self._calls.append((func, args))
+
+    def _set_state(self, slot: Slot, state: str, now: float) -> None:  # lock held
+        old = slot.set_state(state, now, self.clock.time())
+        self._dirty = True
+        if old is not None:
+            self._emit("on_state_change", slot.status(now), old)
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _take_requests(self, now: float) -> None:
+        while self.requests and (self.active is None or isinstance(self.requests[0], Stop)):
+            req = self.requests.popleft()
+            self._dirty = True
+            if isinstance(req, Stop):
+                self._begin_stop(req, now)
+                return
+            self.active = req
+            if isinstance(req, Resize):
+                self._resize(req, now)
+            elif isinstance(req, Reload):
+                self._begin_reload(req, now)
+
+    def _resize(self, req: Resize, now: float) -> None:
+        live = [s for s in self.slots if not s.removing]
+        wall = self.clock.time()
+        for slot in live[req.size:]:
+            slot.removing, slot.next_start = True, None
+            if slot.proc is not None:
+                slot.proc.stop(self.signals, self.grace, now, FINISHED, "removed by resize()")
+                self._set_state(slot, FINISHING, now)
+        for i in range(len(live), req.size):
+            slot = Slot(len(self.slots), now, wall)
+            self.slots.append(slot)
+            req.new_slots.append(slot)
+        self._drop_removed()
+
+    def _begin_reload(self, req: Reload, now: float) -> None:
+        self._generations += 1
+        req.generation = req.target = self._generations
+        req.old_spec, req.old_generation = self.spec, self.generation
+        self.spec, self.generation = req.spec, req.generation
+        self.reloads += 1
+        for slot in self.slots:  # new code: failed slots get another chance
+            if slot.gave_up and not slot.removing and slot.proc is None:
+                slot.gave_up, slot.streak, slot.next_start = False, 0, now
+                slot.exits.clear()
+
+    def _begin_stop(self, req: Stop, now: float) -> None:
+        for other in ([self.active] if self.active else []) + list(self.requests):
+            other.finish(ClosedError(f"{other.kind}(): the supervisor was stopped meanwhile"))
+        self.active = None
+        self.requests.clear()
+        self.phase = "stopping"
+        self._stop_all(now, req.grace)
+
+    def _stop_all(self, now: float, grace: float) -> None:
+        for slot in self.slots:
+            slot.next_start = None
+            if slot.proc is not None and slot.proc.ladder is None:
+                slot.proc.stop(self.signals, grace, now, FINISHED, "the supervisor stopped")
+                self._set_state(slot, FINISHING, now)
+
+    def _check_requests(self, now: float) -> None:
+        req = self.active
+        if req is None:
+            return
+        busy = any(s.starting for s in self.slots)
+        if isinstance(req, Resize):
+            removing = any(s.removing for s in self.slots)
+            if not removing and all(s.attempts and not s.starting for s in req.new_slots):
+                self._done(req)
+        elif isinstance(req, Reload):
+            moved = all(s.proc is None or s.proc.generation == req.target for s in self.slots)
+            if moved and not busy and not self.retiring:
+                self._done(req, ReloadError(f"reload(): {req.cause}") if req.cause else None)
+
+    def _done(self, req: Request, error: Optional[BaseException] = None) -> None:
+        if error is not None and isinstance(req, Reload):
+            error.__cause__ = req.cause
+        req.finish(error)
+        self.active = None
+        self._dirty = True
+
+    def _maybe_stopped(self) -> bool:
+        if self.phase != "stopping":
+            return False
+        assert self._stop_request is not None
+        if any(s.starting for s in self.slots) or all_procs(self.slots, self.retiring):
+            self._stop_all(self.clock.monotonic(), self._stop_request.grace)  # a start finished meanwhile
+            return False
+        return True
+
+    # -- timers --------------------------------------------------------------------------------
+
+    def _timers(self, now: float) -> None:
+        for proc in all_procs(self.slots, self.retiring):
+            ladder = proc.ladder
+            if ladder is not None:
+                if ladder.deadline <= now:
+                    ladder.fire(proc, now)
+                    if ladder.abandoned:
+                        self._abandon(proc, now)
+                continue
+            if self.stale is not None and proc.watched and now - proc.last_progress >= self.stale:
+                self._enforce(proc, now, f"stale: no heartbeat or progress for {now - proc.last_progress:.1f} s")
+                continue
+            self._sample(proc, now)
+
+    def _sample(self, proc: Proc, now: float) -> None:
+        s = proc.sampler
+        if s.next_toggle is not None and s.next_toggle <= now:
+            s.toggle(now, proc.pidfd)
+        if s.next_sample > now:
+            return
+        s.sample(now)
+        self._dirty = True
+        limits = self.limits
+        if limits is None:
+            return
+        if s.throttled:
+            s.retune(limits.cpu, now, proc.pidfd)
+        over = s.over(limits)
+        if over is None:
+            s.over_since = None
+            return
+        kind, what = over
+        if s.over_since is None:
+            s.over_since = now
+        if now - s.over_since < limits.duration:
+            return
+        if kind == "cpu" and limits.mode == "throttle":
+            s.throttle(limits.cpu, now, proc.pidfd)
+            log.info("pid %d: %s; throttled to %.0f %% of the time", proc.pid, what, 100 * s.duty)
+        else:
+            self._enforce(proc, now, f"{what} for {now - s.over_since:.1f} s")
+
+    def _enforce(self, proc: Proc, now: float, reason: str) -> None:
+        """Stop a member that is stale or over a limit; it ends ``killed``, with the reason."""
+        log.warning("pid %d: %s; stopping it", proc.pid, reason)
+        proc.stop(self.signals, self.grace, now, KILLED, reason)
+        slot = self._slot_of(proc)
+        if slot is not None:
+            slot.reason = reason
+            self._set_state(slot, FINISHING, now)
+
+    def _slot_of(self, proc: Proc) -> Optional[Slot]:
+        for slot in self.slots:
+            if slot.proc is proc:
+                return slot
+        return None
+
+    def _deadline(self) -> Optional[float]:  # lock held
+        times: List[float] = []
+        for proc in all_procs(self.slots, self.retiring):
+            if proc.ladder is not None:
+                times.append(proc.ladder.deadline)
+                continue
+            s = proc.sampler
+            times.append(s.next_sample)
+            if s.next_toggle is not None:
+                times.append(s.next_toggle)
+            if self.stale is not None and proc.watched:
+                times.append(proc.last_progress + self.stale)
+        if self.phase == "running":
+            times += [s.next_start for s in self.slots if s.next_start is not None and s.proc is None]
+        return min(times) if times else None
+
+    # -- starting members -----------------------------------------------------------------------
+
+    def _jobs(self, now: float) -> List[Job]:
+        if self.phase != "running":
+            return []
+        jobs: List[Job] = []
+        for slot in self.slots:
+            if slot.proc is None and not slot.starting and not slot.removing and not slot.gave_up:
+                if slot.next_start is not None and slot.next_start <= now:
+                    slot.next_start, slot.starting = None, True
+                    self._set_state(slot, STARTING, now)
+                    jobs.append((slot, self.spec, self.generation, False))
+        req = self.active
+        if isinstance(req, Reload) and not any(s.starting for s in self.slots):
+            for slot in self.slots:
+                proc = slot.proc
+                if proc is None or proc.ladder is not None or slot.removing:
+                    continue
+                if proc.generation != req.target:
+                    slot.starting = True
+                    spec = req.spec if req.target == req.generation else req.old_spec
+                    jobs.append((slot, spec, req.target, True))
+                    break  # one at a time: a rolling reload
+        return jobs
+
+    def _start(self, job: Job) -> None:
+        """Start one process (without the lock: it waits for the template) and record it."""
+        slot, spec, generation, replacing = job
+        child = error = None
+        try:
+            child = spec.start()
+        except Exception as exc:
+            error = exc
+        with self.cond:
+            now = self.clock.monotonic()
+            slot.starting = False
+            self._dirty = True
+            if error is not None:
+                self._start_failed(slot, error, replacing, now)
+                return
+            proc = Proc(child, spec, generation, slot.index, now)
+            old = slot.proc
+            slot.proc, slot.generation, slot.next_start = proc, generation, None
+            if old is not None:  # a reload's replacement is running: retire its predecessor
+                old.retired_at = (now, self.clock.time())
+                old.stop(self.signals, self.grace, now, FINISHED, "replaced by reload()")
+                self.retiring.append(old)
+            if slot.attempts:
+                slot.restarts += not replacing
+            slot.attempts += 1
+            if slot.state != RUNNING:
+                self._set_state(slot, RUNNING, now)
+            self._emit("on_start", slot.status(now))
+            if slot.removing:  # shrunk away while it started
+                proc.stop(self.signals, self.grace, now, FINISHED, "removed by resize()")
+                self._set_state(slot, FINISHING, now)
+
+    def _start_failed(self, slot: Slot, error: BaseException, replacing: bool, now: float) -> None:
+        req = self.active
+        if replacing and not isinstance(req, Reload):
+            return  # the reload was ended by stop(): the slot keeps its process
+        if replacing and isinstance(req, Reload):
+            log.warning("reload(): a new member could not start (%s: %s); rolling back", type(error).__name__, error)
+            if req.cause is None:
+                req.cause = error
+                req.target = req.old_generation
+                self.spec, self.generation = req.old_spec, req.old_generation
+            else:  # the old start fails too now: stop where we are
+                self._done(req, ReloadError(f"reload(): {req.cause}; rolling back failed too: {error}"))
+            return
+        log.warning("slot %d: could not start a member: %s: %s", slot.index, type(error).__name__, error)
+        slot.attempts += 1
+        slot.start_failures += 1
+        slot.exit_code = None
+        slot.reason = f"could not start: {type(error).__name__}: {error}"
+        self._set_state(slot, FAILED, now)
+        self._after_end(slot, FAILED, 0.0, now)
+
+    # -- exits ---------------------------------------------------------------------------------------
+
+    def _poll(self) -> None:
+        with self.cond:
+            procs = all_procs(self.slots, self.retiring)
+            deadline = self._deadline()
+            now = self.clock.monotonic()
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        fds: Dict[int, Tuple[Proc, bool]] = {}
+        for proc in procs:
+            if proc.pidfd is not None:
+                fds[proc.pidfd] = (proc, True)
+            if proc.watch_fd is not None:
+                fds[proc.watch_fd] = (proc, False)
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        timeout = None  # a fake clock wakes us when it moves
+        if deadline is not None and (self.clock.real or deadline <= now):
+            timeout = max(0, int((deadline - now) * 1000) + 1) if deadline > now else 0
+        ready = poller.poll(timeout)
+        with self.cond:
+            now = self.clock.monotonic()
+            exited = []
+            for fd, _ in ready:
+                if fd == self._wake_r:
+                    _drain(fd)
+                    continue
+                proc, is_pidfd = fds[fd]
+                if is_pidfd:
+                    exited.append(proc)
+                elif not proc.closed:
+                    proc.read(now, self.progress)
+            for proc in exited:  # after their last output
+                self._exited(proc, now)
+            self._turned()
+
+    def _exited(self, proc: Proc, now: float) -> None:
+        try:
+            code = proc.child.poll()
+        except ReapedElsewhere:
+            code = None
+        else:
+            if code is None:
+                return  # not yet (a pidfd is readable only at exit: should not happen)
+        for _ in range(16):  # the rest of its output: up to EOF, or what is there now
+            if proc.watch_fd is None or not _readable(proc.watch_fd):
+                break
+            proc.read(now, self.progress)
+        proc.close()
+        self._dirty = True
+        state, reason = classify(code, proc.ladder)
+        if proc in self.retiring:
+            self.retiring.remove(proc)
+            self._emit("on_exit", retiring_status(proc, now, self.clock.time()))
+            return
+        slot = self._slot_of(proc)
+        if slot is None:  # pragma: no cover - every process is in a slot or retiring
+            return
+        slot.proc = None
+        slot.exit_code, slot.reason = code, reason
+        self._set_state(slot, state, now)
+        self._emit("on_exit", dataclasses.replace(slot.status(now), pid=proc.pid, generation=proc.generation))
+        if slot.removing:
+            self._drop_removed()
+            return
+        if self.phase != "running" or (proc.ladder is not None and proc.ladder.final == FINISHED):
+            return  # a stop that was asked for: no restart
+        self._after_end(slot, state, now - proc.started_at, now)
+
+    def _after_end(self, slot: Slot, state: str, uptime: float, now: float) -> None:
+        """A member ended without being asked to: restart it (after the backoff), or give up."""
+        policy = self.policy
+        if uptime >= policy.stable:
+            slot.streak = 0
+        slot.streak += 1
+        if not policy.wants_restart(state):
+            slot.gave_up = True
+            return
+        why = policy.crash_loop_reason(slot.exits, now)
+        if why is not None:
+            log.error("slot %d: %s (last: %s)", slot.index, why, slot.reason)
+            slot.gave_up = True
+            slot.reason = f"{why} (last: {slot.reason or 'exited'})"
+            self._set_state(slot, FAILED, now)
+            return
+        slot.next_start = now + policy.delay(slot.streak)
+
+    def _drop_removed(self) -> None:
+        while self.slots and self.slots[-1].removing and self.slots[-1].proc is None and not self.slots[-1].starting:
+            self.slots.pop()
+            self._dirty = True
+
+    def _abandon(self, proc: Proc, now: float) -> None:
+        """SIGKILL did not end it within KILL_WAIT (uninterruptible sleep): the reaper takes it."""
+        log.error("pid %d did not exit after SIGKILL; the reaper thread will reap it", proc.pid)
+        child = proc.child
+        pidfd, child._pidfd = child._pidfd, None
+        reaper.adopt(proc.pid, pidfd)
+        proc.close()
+        proc.ladder.final = KILLED  # type: ignore[union-attr]
+        proc.ladder.reason = f"{proc.ladder.reason}; still not gone {KILL_WAIT:g} s after SIGKILL"  # type: ignore[union-attr]
+        if proc in self.retiring:
+            self.retiring.remove(proc)
+            return
+        slot = self._slot_of(proc)
+        if slot is not None:
+            slot.proc, slot.exit_code, slot.reason = None, None, proc.ladder.reason  # type: ignore[union-attr]
+            self._set_state(slot, KILLED, now)
+            if slot.removing:
+                self._drop_removed()
+
+    # -- when our own code fails -----------------------------------------------------------------
+
+    def _broke(self, exc: BaseException) -> None:
+        log.critical("the supervising thread failed; killing its members", exc_info=exc)
+        with self.cond:
+            self.phase = "broken"
+            self.error = f"{type(exc).__name__}: {exc}"
+            for proc in all_procs(self.slots, self.retiring):
+                proc.signal(signal.SIGKILL)
+                pidfd, proc.child._pidfd = proc.child._pidfd, None
+                if pidfd is not None:
+                    reaper.adopt(proc.pid, pidfd)
+                proc.close()
+            for slot in self.slots:
+                slot.proc = None
+            self.retiring.clear()
+            self._close_wake()
+            err = BrokenSupervisorError(f"the supervising thread failed: {self.error}")
+            err.__cause__ = exc
+            for req in ([self.active] if self.active else []) + list(self.requests):
+                req.finish(err)
+            if self._stop_request is not None:
+                self._stop_request.finish()
+            self._dirty = True
+            self._publish()
+
+
+def _readable(fd: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
