@@ -41,6 +41,15 @@ def allocate(control: socket.socket, mib: int = 300, *args: object) -> None:
     del ballast
 
 
+def allocate_then_tell(control: socket.socket, mib: int, told) -> None:
+    """Touch ``mib`` MiB, write a byte to ``told`` (a pipe), then idle."""
+    ballast = b"x" * (mib << 20)
+    told.write(b"!")
+    told.flush()
+    control.recv(1)
+    del ballast
+
+
 def busy(control: socket.socket, *args: object) -> None:
     """Spin on the CPU until the control socket reaches EOF."""
     control.setblocking(False)

@@ -494,6 +494,7 @@ class Engine:
             return
         slot.proc = None
         slot.exit_code, slot.reason = code, reason
+        slot.memory_max = proc.sampler.memory_max
         self._set_state(slot, state, now)
         self._emit("on_exit", dataclasses.replace(slot.status(now), pid=proc.pid, generation=proc.generation))
         if slot.removing:

@@ -1,7 +1,9 @@
 """Resource limits of supervised members: ``Limits``, psutil sampling, CPU throttling (parent side).
 
-Each member is sampled about once a second (psutil: CPU time and RSS).  A
-member over a limit for ``duration`` seconds is either stopped with the stop
+Each member is sampled about once a second (psutil: CPU time and memory).
+Memory is the member's *private* memory (USS, from ``/proc/<pid>/smaps_rollup``,
+~60 us): a worker forked from a big template shares most of its pages with
+it, and its RSS would count them all.  A member over a limit for ``duration`` seconds is either stopped with the stop
 ladder (``mode="kill"``) or, for CPU, throttled (``mode="throttle"``): the
 supervisor alternates SIGSTOP and SIGCONT so that the process runs only a
 fraction (its *duty*) of every 100 ms period, as cpulimit and datarhei's
@@ -29,7 +31,9 @@ class Limits:
     """Resource limits for each member of a ``Supervisor``.
 
     ``cpu``: CPU share, 1.0 = one whole CPU (0.5 = half of one, 2.0 = two);
-    ``memory``: resident memory in bytes (e.g. ``100 * 2**20``);
+    ``memory``: private memory in bytes (e.g. ``100 * 2**20``): the USS,
+    the pages only this member has -- not those it shares with its
+    template and siblings, which its RSS counts too;
     ``duration``: seconds a member may stay over a limit before it is acted
     on (0: at the first sample over it); ``mode``: ``"kill"`` stops the
     member with the stop ladder (it is restarted as the restart policy
@@ -68,14 +72,14 @@ class Sampler:
         self._cpu_time: Optional[float] = None
         self._at = now
         self.cpu: Optional[float] = None
-        self.memory: Optional[int] = None
+        self.memory: Optional[int] = None  # private (USS)
         self.memory_max: Optional[int] = None
+        self.rss: Optional[int] = None
         self.over_since: Optional[float] = None  # when it first went over a limit
         self.duty = 1.0  # 1.0: not throttled
         self.paused = False
         self.next_toggle: Optional[float] = None
-        self.next_sample = now  # the first sample right away: a baseline
-        self.sample(now)
+        self.next_sample = now  # the first sample at the loop's next turn
 
     def sample(self, now: float) -> None:
         """Read CPU time and RSS; the CPU share is over the time since the last sample."""
@@ -85,7 +89,7 @@ class Sampler:
         try:
             with self._proc.oneshot():
                 times = self._proc.cpu_times()
-                rss = self._proc.memory_info().rss
+                mem = self._proc.memory_full_info()  # smaps_rollup: ~60 us
         except psutil.Error:
             self._proc = None  # exited: the pidfd reports it
             return
@@ -93,8 +97,11 @@ class Sampler:
         if self._cpu_time is not None and now > self._at:
             self.cpu = max(0.0, (total - self._cpu_time) / (now - self._at))
         self._cpu_time, self._at = total, now
-        self.memory = rss
-        self.memory_max = rss if self.memory_max is None else max(self.memory_max, rss)
+        # A member forked from a template shares the template's pages: its
+        # RSS counts them all, though killing it would free none of them.
+        # USS counts only the pages this process alone has: its own memory.
+        self.memory, self.rss = mem.uss, mem.rss
+        self.memory_max = mem.uss if self.memory_max is None else max(self.memory_max, mem.uss)
 
     def over(self, limits: Limits) -> Optional[Tuple[str, str]]:
         """("memory" or "cpu", in words) for the limit the last sample is over, else None.
@@ -149,10 +156,10 @@ class Sampler:
         self.paused = not self.paused
         _signal(pidfd, signal.SIGSTOP if self.paused else signal.SIGCONT)
         length = (1.0 - self.duty) if self.paused else self.duty
-        # From the planned time, not from now: a late wake-up shortens the
-        # next phase instead of lengthening the cycle (and the share).
-        planned = self.next_toggle if self.next_toggle is not None else now
-        self.next_toggle = max(now, planned + length * PERIOD)
+        # Each phase counts from now: a late wake-up that let the process
+        # run longer is not paid back with a shorter pause (the share stays
+        # at or under the duty; the next sample's retune corrects the rest).
+        self.next_toggle = now + length * PERIOD
 
     def release(self, pidfd: Optional[int]) -> None:
         """End throttling; a paused process runs again."""

@@ -192,6 +192,7 @@ class Slot:
         self.counts: Dict[str, int] = {s: 0 for s in STATES}
         self.proc: Optional[Proc] = None
         self.generation = 0  # of the last process started here
+        self.memory_max: Optional[int] = None  # of the last process, once it has ended
         self.next_start: Optional[float] = now
         self.starting = False  # a start is under way (outside the lock)
         self.attempts = 0
@@ -230,14 +231,15 @@ class Slot:
             reason=self.reason,
             next_start_in=None if self.next_start is None or proc is not None else max(0.0, self.next_start - now),
             gave_up=self.gave_up,
-            **proc_fields(proc, now),
+            **dict(proc_fields(proc, now), **({} if proc else {"memory_max": self.memory_max})),
         )
 
 
 def proc_fields(proc: Optional[Proc], now: float) -> Dict[str, Any]:
     """The MemberStatus fields that describe the running process."""
     if proc is None:
-        return dict(uptime=None, idle=None, cpu=None, memory=None, memory_max=None, throttled=False)
+        return dict(uptime=None, idle=None, cpu=None, memory=None, memory_max=None, rss=None,
+                    throttled=False)
     s = proc.sampler
     return dict(
         uptime=max(0.0, now - proc.started_at),
@@ -245,6 +247,7 @@ def proc_fields(proc: Optional[Proc], now: float) -> Dict[str, Any]:
         cpu=s.cpu,
         memory=s.memory,
         memory_max=s.memory_max,
+        rss=s.rss,
         throttled=s.throttled,
     )
 

@@ -43,8 +43,9 @@ class MemberStatus:
     uptime: Optional[float]  #: seconds the current process has been running
     idle: Optional[float]  #: seconds since its last heartbeat / accepted progress line
     cpu: Optional[float]  #: CPU share in the last sample (1.0 = one whole CPU)
-    memory: Optional[int]  #: resident memory (RSS) in bytes, last sample
-    memory_max: Optional[int]  #: highest RSS sampled for the current process
+    memory: Optional[int]  #: private memory (USS) in bytes, last sample: what ``Limits(memory=)`` counts
+    memory_max: Optional[int]  #: highest ``memory`` sampled (of the last process, between processes)
+    rss: Optional[int]  #: resident memory (RSS, shared pages included) in bytes, last sample
     throttled: bool  #: CPU-throttled (SIGSTOP/SIGCONT duty cycle) right now
     gave_up: bool  #: no more restarts: crash loop, or the policy says no
 
