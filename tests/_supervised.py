@@ -16,6 +16,12 @@ def wait_for_eof(control: socket.socket, *args: object) -> None:
     control.recv(1)
 
 
+def ready_then_wait(control: socket.socket, *args: object) -> None:
+    """Send one heartbeat (so the supervisor knows we run our code), then idle until EOF."""
+    worker.heartbeat()
+    control.recv(1)
+
+
 def exit_now(control: socket.socket, code: int = 0, *args: object) -> None:
     sys.exit(code)
 
@@ -87,9 +93,12 @@ def heartbeat_after_eof(control: socket.socket) -> None:
     sys.exit(6)
 
 
-def modules_loaded(control: socket.socket) -> None:
-    """Send the names of the loaded modules (for checking what a worker imported)."""
-    control.sendall(" ".join(sorted(sys.modules)).encode() + b"\n")
+def modules_to(control: socket.socket, path: str) -> None:
+    """Write the names of the loaded modules to ``path`` (what a member imported), then idle."""
+    with open(path + ".tmp", "w") as f:
+        f.write(" ".join(sorted(sys.modules)))
+    os.rename(path + ".tmp", path)
+    worker.heartbeat()
     control.recv(1)
 
 

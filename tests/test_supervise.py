@@ -356,11 +356,17 @@ def test_heartbeat_needs_a_socket_outside_a_supervisor_and_fails_once_it_is_gone
     assert child.wait(T) == 5
 
 
-def test_supervising_loads_nothing_parent_side_into_the_template_or_members(tpl, sups):
-    sup = sv(sups, (tpl, f"{S}:modules_loaded"), size=1)
-    sup.wait_state("running", timeout=T)
-    tpl.eval("import sys\nbad = {'threading', 'subprocess', 'forkserver._supervise._engine', "
-             "'psutil'} & set(sys.modules)\nassert not bad, bad")
+def test_supervising_loads_nothing_parent_side_into_the_template_or_members(tpl, sups, tmp_path):
+    path = str(tmp_path / "modules")
+    t = tpl.fork().send_arg(path)
+    sup = sv(sups, (t, f"{S}:modules_to"), size=1)
+    sup.wait_until(lambda s: heard_from(s.members[0]), timeout=T)
+    parent_side = {"threading", "subprocess", "psutil", "forkserver._supervise._engine"}
+    with open(path) as f:
+        assert not parent_side & set(f.read().split())
+    t.eval("import sys\nbad = %r & set(sys.modules)\nassert not bad, bad" % parent_side)
+    sup.stop()
+    t.close()
 
 
 # -- resize, reload, stop ------------------------------------------------------------------------------

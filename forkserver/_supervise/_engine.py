@@ -33,6 +33,7 @@ from ._status import FAILED, FINISHED, FINISHING, KILLED, RUNNING, STARTING, Sup
 
 log = logging.getLogger("forkserver.supervise")
 
+IDLE_TURN_MS = 1000
 Job = Tuple[Slot, Any, int, bool]  # slot, start spec, generation, replaces the slot's process
 
 
@@ -69,18 +70,23 @@ class Engine:
     # -- called from any thread ---------------------------------------------------------
 
     def submit(self, req: Request) -> Request:
-        """Queue ``req`` (a stop goes first) and wake the thread."""
+        """Queue ``req`` and wake the thread; a stop is not queued but noted (it goes first).
+
+        Each change here is one assignment or one ``deque.append``, so a
+        KeyboardInterrupt between two lines leaves the request either made
+        or not, never half made.
+        """
         try:
             with self.cond:
-                if isinstance(req, Stop) and self._stop_request is not None:
-                    return self._stop_request  # stopping or stopped already: the same stop
-                if self.phase == "broken" and isinstance(req, Stop):
-                    req.finish()
+                if isinstance(req, Stop):
+                    if self._stop_request is not None:
+                        return self._stop_request  # stopping or stopped already: the same stop
+                    if self.phase == "broken":
+                        req.finish()
+                    else:
+                        self._stop_request = req
                 elif self.phase != "running":
                     req.finish(self._closed_error(req.kind))
-                elif isinstance(req, Stop):
-                    self._stop_request = req
-                    self.requests.appendleft(req)
                 else:
                     self.requests.append(req)
         finally:
@@ -198,12 +204,13 @@ class Engine:
     # -- requests ---------------------------------------------------------------------------
 
     def _take_requests(self, now: float) -> None:
-        while self.requests and (self.active is None or isinstance(self.requests[0], Stop)):
+        if self._stop_request is not None and self.phase == "running":
+            self._dirty = True
+            self._begin_stop(self._stop_request, now)
+            return
+        while self.requests and self.active is None and self.phase == "running":
             req = self.requests.popleft()
             self._dirty = True
-            if isinstance(req, Stop):
-                self._begin_stop(req, now)
-                return
             self.active = req
             if isinstance(req, Resize):
                 self._resize(req, now)
@@ -450,9 +457,13 @@ class Engine:
                 fds[proc.watch_fd] = (proc, False)
         for fd in fds:
             poller.register(fd, select.POLLIN)
-        timeout = None  # a fake clock wakes us when it moves
+        # At least once a second with a real clock: a request queued by a
+        # call interrupted before its wake-up is still taken within a second.
+        # A fake clock wakes us when it moves.
+        timeout = IDLE_TURN_MS if self.clock.real else None
         if deadline is not None and (self.clock.real or deadline <= now):
-            timeout = max(0, int((deadline - now) * 1000) + 1) if deadline > now else 0
+            wait = max(0, int((deadline - now) * 1000) + 1) if deadline > now else 0
+            timeout = wait if timeout is None else min(timeout, wait)
         ready = poller.poll(timeout)
         with self.cond:
             now = self.clock.monotonic()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable, Optional
 
+from .._server._hygiene import set_title
+
 #: the control socket of this worker, once it runs as a supervised member
 control: Optional[Any] = None
 
@@ -48,4 +50,6 @@ def serve(sock: Any, *sent: Any) -> Any:
     global control
     *args, (module, qualname) = sent
     control = sock
-    return resolve(module, qualname)(sock, *args)
+    target = resolve(module, qualname)
+    set_title("fs:" + getattr(target, "__name__", "member"))  # ps shows the target, not "serve"
+    return target(sock, *args)
