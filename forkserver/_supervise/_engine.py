@@ -513,12 +513,19 @@ class Engine:
             return
         if self.phase != "running" or (proc.ladder is not None and proc.ladder.final == FINISHED):
             return  # a stop that was asked for: no restart
-        self._after_end(slot, state, now - proc.started_at, now)
+        self._after_end(slot, state, now - proc.started_at, now, proc.came_up)
 
-    def _after_end(self, slot: Slot, state: str, uptime: float, now: float) -> None:
-        """A member ended without being asked to: restart it (after the backoff), or give up."""
+    def _after_end(self, slot: Slot, state: str, uptime: float, now: float, came_up: bool = False) -> None:
+        """A member ended without being asked to: restart it (after the backoff), or give up.
+
+        The backoff is for members that fail to boot: one that had come up
+        (a heartbeat or an accepted progress line) or stayed up for the
+        crash-loop window is restarted at once.  The crash-loop rule counts
+        every exit, so a member that comes up and dies at once cannot make
+        a hot loop either.
+        """
         policy = self.policy
-        if uptime >= policy.stable:
+        if came_up or uptime >= policy.stable:
             slot.streak = 0
         slot.streak += 1
         if not policy.wants_restart(state):

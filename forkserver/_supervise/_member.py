@@ -72,6 +72,7 @@ class Proc:
         self.slot = slot
         self.started_at = now
         self.last_progress = now
+        self.came_up = False  # sent a heartbeat or an accepted progress line (it booted)
         self.ladder: Optional[Ladder] = None
         self.retired_at: Optional[Tuple[float, float]] = None  # (clock, wall) when replaced
         self.closed = False
@@ -123,6 +124,7 @@ class Proc:
             return
         if self._is_socket:
             self.last_progress = now  # any byte on the control socket is a heartbeat
+            self.came_up = True
             return
         self._feed(data, now, progress)
 
@@ -146,7 +148,7 @@ class Proc:
     def _line(self, raw: bytes, now: float, progress: Optional[Callable[[str], Any]]) -> None:
         line = raw.decode("utf-8", "replace")
         if progress is None:
-            self.last_progress = now
+            self.last_progress, self.came_up = now, True
             return
         try:
             accepted = progress(line)
@@ -154,7 +156,7 @@ class Proc:
             log.exception("progress(%r) of pid %d raised; the line does not count as progress", line, self.pid)
             return
         if accepted:
-            self.last_progress = now
+            self.last_progress, self.came_up = now, True
 
     def close(self) -> None:
         """Close our ends of its control socket or pipes (the process has been reaped)."""

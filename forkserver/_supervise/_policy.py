@@ -5,11 +5,13 @@ The rules, as the docs state them:
 * ``restart="always"`` restarts after any exit, ``"on-failure"`` unless the
   process exited 0 by itself, ``"never"`` never.  A member the supervisor
   stopped for staleness or over a limit counts as a failure.
-* The first restart after a member that ran well is immediate (a pre-forked
-  server wants its worker back now); each further one in a row waits twice
-  as long: ``backoff[0]``, ``2*backoff[0]``, ... up to ``backoff[1]``, each
-  scaled by a random factor in ``1 +- jitter``.  A member that stays up for
-  the crash-loop window (60 s by default) resets the count.
+* The backoff is for members that fail to boot.  A member that *came up* --
+  sent a heartbeat or a progress line its parser accepted, or stayed up for
+  the crash-loop window (60 s by default) -- is restarted at once (a
+  pre-forked server wants its worker back now).  Each member in a row that
+  ends before it came up waits twice as long as the one before:
+  0, ``backoff[0]``, ``2*backoff[0]``, ... up to ``backoff[1]``, each scaled
+  by a random factor in ``1 +- jitter``.
 * ``crash_loop=(N, T)``: the N-th exit within T seconds stops the restarts of
   that slot; it is marked ``failed`` with the reason.  ``crash_loop=None``
   keeps restarting, never faster than the backoff allows.
