@@ -215,7 +215,11 @@ def main(argv=None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--grace", type=float, default=10.0, help="seconds a stopping worker gets")
+    parser.add_argument("--crash-loop", default="50,10", metavar="N,T",
+                        help="a slot gives up after N worker deaths within T seconds; 'none': never "
+                        "(for chaos tests that kill workers on purpose); default %(default)s")
     args = parser.parse_args(argv)
+    crash_loop = None if args.crash_loop == "none" else tuple(float(x) for x in args.crash_loop.split(","))
 
     listener = socket.create_server((args.host, args.port), backlog=1024)
     module = os.path.splitext(os.path.basename(__file__))[0]  # this file, imported by name
@@ -231,9 +235,8 @@ def main(argv=None) -> int:
     sup = forkserver.Supervisor(
         (template, f"{module}:serve"), size=args.workers, stale_timeout=10, grace=args.grace,
         # Workers heartbeat as soon as they run, so a killed one comes back at
-        # once (the backoff is for workers that fail to boot); a slot gives
-        # up only if its workers die 50 times within 10 s.
-        crash_loop=(50, 10.0),
+        # once (the backoff is for workers that fail to boot).
+        crash_loop=crash_loop,
         on_start=lambda m: say(f"member {m.pid} generation {m.generation}"),
         on_exit=lambda m: say(f"exited {m.pid}"),
     )

@@ -38,7 +38,9 @@ class Server:
 
     def __init__(self, path: str, workers: int) -> None:
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.proc = subprocess.Popen([sys.executable, path, "--workers", str(workers), "--port", "0"],
+        # Killing workers on purpose, ever faster the faster the machine: no crash-loop limit.
+        self.proc = subprocess.Popen([sys.executable, path, "--workers", str(workers), "--port", "0",
+                                      "--crash-loop", "none"],
                                      stdout=subprocess.PIPE, text=True, env=env)
         self.lines: List[str] = []
         self.cond = threading.Condition()
