@@ -14,8 +14,9 @@ Side-by-side numbers on this machine, in one run (contenders interleaved
 round-robin after a warm-up): worker start -> ran -> reaped with a preloaded
 module (forkserver / multiprocessing forkserver with preload / multiprocessing
 spawn / bare os.fork), the same from a big parent, exec of /bin/true
-(forkserver / subprocess.run / posix_spawn), idle worker USS; then the project
-goals, met or missed.  About 30 s by default (--quick: a few seconds).
+(forkserver / subprocess.run / posix_spawn), idle worker USS, restart latency
+of a supervised worker (forkserver.Supervisor / gunicorn's arbiter); then the
+project goals, met or missed.  About 30 s by default (--quick: a few seconds).
 """
 
 
@@ -61,7 +62,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        help="samples of multiprocessing spawn (~200 ms each with numpy; "
                        "default rounds/10, at least 3; 0 leaves it out)")
     bench.add_argument("--only", type=_scenarios, metavar="A,B",
-                       help="run only these scenarios: start, back_to_back, big_parent, exec, idle_uss")
+                       help="run only these scenarios: start, back_to_back, big_parent, exec, idle_uss, "
+                       "supervise")
     return bench
 
 

@@ -14,10 +14,10 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
-from . import _core as B
+from . import _core as B, _supervise
 from ._workers import bare_fork, settle, start_and_reap, stop_default_template
 
-SCENARIOS = ("start", "back_to_back", "big_parent", "exec", "idle_uss")
+SCENARIOS = ("start", "back_to_back", "big_parent", "exec", "idle_uss", "supervise")
 BLOCK = 10  # back_to_back: workers per sample, one right after the other
 TRUE = "/bin/true"
 
@@ -230,10 +230,16 @@ def idle_uss(bench: Bench) -> Scenario:
     return sc
 
 
-RUNNERS = {"start": start, "back_to_back": back_to_back, "big_parent": big_parent, "exec": exec_true, "idle_uss": idle_uss}
+def supervise(bench: Bench) -> Scenario:
+    """Restart latency of a supervised worker vs gunicorn's arbiter (``_supervise.py``)."""
+    return _supervise.run(bench, Scenario("supervise", _supervise.TITLE, "ms"))
+
+
+RUNNERS = {"start": start, "back_to_back": back_to_back, "big_parent": big_parent, "exec": exec_true, "idle_uss": idle_uss,
+           "supervise": supervise}
 TITLES = {"start": "worker start -> ran -> reaped", "back_to_back": "workers back to back",
           "big_parent": "the same from a big parent",
-          "exec": f"exec {TRUE}", "idle_uss": "idle worker USS"}
+          "exec": f"exec {TRUE}", "idle_uss": "idle worker USS", "supervise": "restart latency"}
 
 
 def run(settings: Settings, progress: B.Progress) -> List[Scenario]:
