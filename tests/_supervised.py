@@ -93,13 +93,10 @@ def heartbeat_after_eof(control: socket.socket) -> None:
     sys.exit(6)
 
 
-def modules_to(control: socket.socket, path: str) -> None:
-    """Write the names of the loaded modules to ``path`` (what a member imported), then idle."""
-    with open(path + ".tmp", "w") as f:
+def write_modules(control: socket.socket, path: str) -> None:
+    """Write the names of the loaded modules to ``path`` (what this worker imported), then exit."""
+    with open(path, "w") as f:
         f.write(" ".join(sorted(sys.modules)))
-    os.rename(path + ".tmp", path)
-    worker.heartbeat()
-    control.recv(1)
 
 
 def pid_file(control: socket.socket, path: str) -> None:

@@ -44,7 +44,7 @@ def app(environ: dict, start_response: Any) -> List[bytes]:
 
 def serve(control: socket.socket, listener: socket.socket) -> None:
     """forkserver's worker: one request per connection, answered by ``app``."""
-    from ..worker import heartbeat
+    from .._supervise._member_worker import heartbeat
 
     heartbeat()  # "up": the supervisor restarts a worker that came up at once
     listener.setblocking(True)
