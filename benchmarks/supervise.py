@@ -10,6 +10,7 @@ Run (gunicorn from PyPI: pip install -e '.[bench]'):
     python benchmarks/supervise.py              # 40 samples each, a few seconds
     python benchmarks/supervise.py --n 10 --json supervise.json
 """
+
 from __future__ import annotations
 
 import argparse

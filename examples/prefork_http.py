@@ -33,6 +33,7 @@ This module is imported by the templates, so its top level stays lean:
 no threads (a template must stay single-threaded to fork), no http.server
 (it imports threading).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,14 @@ MAX_HEADER = 64 * 1024
 def app(environ, start_response):
     """The application (WSGI): who answered, with which code."""
     body = json.dumps({"pid": os.getpid(), "code": CODE, "path": environ["PATH_INFO"]}).encode()
-    start_response("200 OK", [("Content-Type", "application/json"), ("X-Worker-Pid", str(os.getpid())),
-                              ("X-Code", CODE)])
+    start_response(
+        "200 OK",
+        [
+            ("Content-Type", "application/json"),
+            ("X-Worker-Pid", str(os.getpid())),
+            ("X-Code", CODE),
+        ],
+    )
     return [body]
 
 
@@ -88,21 +95,32 @@ class Connection:
             length = int(headers.get("content-length", "0"))
             if len(self.inbuf) < end + 4 + length:
                 return
-            body = self.inbuf[end + 4:end + 4 + length]
-            self.inbuf = self.inbuf[end + 4 + length:]
+            body = self.inbuf[end + 4 : end + 4 + length]
+            self.inbuf = self.inbuf[end + 4 + length :]
             yield method, path, version, headers, body
 
     def respond(self, method, path, version, headers, body, stopping: bool) -> None:
-        keep = headers.get("connection", "").lower() != "close" and version == "HTTP/1.1" and not stopping
-        environ = {"REQUEST_METHOD": method, "PATH_INFO": path.split("?")[0],
-                   "QUERY_STRING": path.partition("?")[2], "SERVER_PROTOCOL": version,
-                   "wsgi.input": body}
+        keep = (
+            headers.get("connection", "").lower() != "close"
+            and version == "HTTP/1.1"
+            and not stopping
+        )
+        environ = {
+            "REQUEST_METHOD": method,
+            "PATH_INFO": path.split("?")[0],
+            "QUERY_STRING": path.partition("?")[2],
+            "SERVER_PROTOCOL": version,
+            "wsgi.input": body,
+        }
         status_headers = []
         chunks = app(environ, lambda status, hdrs: status_headers.append((status, hdrs)))
         payload = b"".join(chunks)
         status, hdrs = status_headers[0]
         lines = [f"{version} {status}"] + [f"{k}: {v}" for k, v in hdrs]
-        lines += [f"Content-Length: {len(payload)}", "Connection: " + ("keep-alive" if keep else "close")]
+        lines += [
+            f"Content-Length: {len(payload)}",
+            "Connection: " + ("keep-alive" if keep else "close"),
+        ]
         # One buffer, one send: a worker killed now leaves a client with a
         # whole response or none, never half of one.
         self.outbuf += ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + payload
@@ -177,7 +195,9 @@ class Worker:
             return self._close(conn)
         if not conn.outbuf and conn.close_after:
             return self._close(conn)
-        self.sel.modify(conn.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.outbuf else 0), conn)
+        self.sel.modify(
+            conn.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.outbuf else 0), conn
+        )
 
     def _wind_down(self) -> None:
         """Stopping: no more accepts; answer what was read, close idle connections."""
@@ -215,11 +235,17 @@ def main(argv=None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--grace", type=float, default=10.0, help="seconds a stopping worker gets")
-    parser.add_argument("--crash-loop", default="50,10", metavar="N,T",
-                        help="a slot gives up after N worker deaths within T seconds; 'none': never "
-                        "(for chaos tests that kill workers on purpose); default %(default)s")
+    parser.add_argument(
+        "--crash-loop",
+        default="50,10",
+        metavar="N,T",
+        help="a slot gives up after N worker deaths within T seconds; 'none': never "
+        "(for chaos tests that kill workers on purpose); default %(default)s",
+    )
     args = parser.parse_args(argv)
-    crash_loop = None if args.crash_loop == "none" else tuple(float(x) for x in args.crash_loop.split(","))
+    crash_loop = (
+        None if args.crash_loop == "none" else tuple(float(x) for x in args.crash_loop.split(","))
+    )
 
     listener = socket.create_server((args.host, args.port), backlog=1024)
     module = os.path.splitext(os.path.basename(__file__))[0]  # this file, imported by name
@@ -229,11 +255,18 @@ def main(argv=None) -> int:
 
     say = lambda text: print(text, flush=True)  # noqa: E731
     events: "queue.SimpleQueue[str]" = queue.SimpleQueue()
-    for signum, what in ((signal.SIGHUP, "reload"), (signal.SIGTERM, "stop"), (signal.SIGINT, "stop")):
+    for signum, what in (
+        (signal.SIGHUP, "reload"),
+        (signal.SIGTERM, "stop"),
+        (signal.SIGINT, "stop"),
+    ):
         signal.signal(signum, lambda *_, what=what: events.put(what))  # put() is signal-safe
     template = new_template()
     sup = forkserver.Supervisor(
-        (template, f"{module}:serve"), size=args.workers, stale_timeout=10, grace=args.grace,
+        (template, f"{module}:serve"),
+        size=args.workers,
+        stale_timeout=10,
+        grace=args.grace,
         # Workers heartbeat as soon as they run, so a killed one comes back at
         # once (the backoff is for workers that fail to boot).
         crash_loop=crash_loop,

@@ -3,6 +3,7 @@
 ``heartbeat()`` tells a ``Supervisor`` that this worker came up and is
 making progress (its ``stale_timeout``).
 """
+
 from __future__ import annotations
 
 from ._supervise._member_worker import heartbeat

@@ -1,4 +1,5 @@
 """A clock for supervisor tests: time moves only when the test says so."""
+
 from __future__ import annotations
 
 from typing import Callable, List
@@ -40,5 +41,7 @@ def settle(sup, timeout: float = 20.0) -> None:
     with engine.cond:
         target = engine.turns + 2
         engine.wake()
-        if not engine.cond.wait_for(lambda: engine.turns >= target or not engine.thread.is_alive(), timeout):
+        if not engine.cond.wait_for(
+            lambda: engine.turns >= target or not engine.thread.is_alive(), timeout
+        ):
             raise AssertionError(f"the supervising loop made no turn within {timeout} s")

@@ -12,6 +12,7 @@ One place is skipped, as the interpreter skips it for real signals (since
 ``with`` line, coming from the block's body below it; raising there would
 leave a lock taken that no real Ctrl-C can leave taken.
 """
+
 from __future__ import annotations
 
 import linecache

@@ -1,4 +1,5 @@
 """Targets for supervised workers in the tests (imported in templates and workers: no threading)."""
+
 from __future__ import annotations
 
 import os

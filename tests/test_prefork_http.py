@@ -9,6 +9,7 @@ connection -- what HTTP clients do for idempotent requests (RFC 9110
 §9.2.2; urllib3, for one, retries them).  A request counts as failed if it
 never gets a correct response, or if any response is partial or wrong.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -25,12 +26,17 @@ from typing import Dict, List, Optional
 
 import pytest
 
-EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
-                       "prefork_http.py")
+EXAMPLE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "prefork_http.py"
+)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T = 60.0
-NO_RESPONSE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
-               ConnectionAbortedError)
+NO_RESPONSE = (
+    http.client.RemoteDisconnected,
+    ConnectionResetError,
+    BrokenPipeError,
+    ConnectionAbortedError,
+)
 
 
 class Server:
@@ -39,9 +45,21 @@ class Server:
     def __init__(self, path: str, workers: int) -> None:
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         # Killing workers on purpose, ever faster the faster the machine: no crash-loop limit.
-        self.proc = subprocess.Popen([sys.executable, path, "--workers", str(workers), "--port", "0",
-                                      "--crash-loop", "none"],
-                                     stdout=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                path,
+                "--workers",
+                str(workers),
+                "--port",
+                "0",
+                "--crash-loop",
+                "none",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         self.lines: List[str] = []
         self.cond = threading.Condition()
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -63,7 +81,7 @@ class Server:
         regex = re.compile(pattern)
 
         def found() -> Optional[str]:
-            return next((l for l in self.lines[after:] if regex.search(l)), None)
+            return next((line for line in self.lines[after:] if regex.search(line)), None)
 
         with self.cond:
             assert self.cond.wait_for(lambda: found() or "<eof>" in self.lines, T), pattern
@@ -73,8 +91,11 @@ class Server:
 
     def members(self) -> Dict[int, int]:
         with self.cond:
-            return {int(m[1]): int(m[2]) for m in (re.match(r"member (\d+) generation (\d+)", l)
-                                                   for l in self.lines) if m}
+            return {
+                int(m[1]): int(m[2])
+                for m in (re.match(r"member (\d+) generation (\d+)", line) for line in self.lines)
+                if m
+            }
 
 
 class Client:
@@ -86,7 +107,7 @@ class Client:
         self.opened_at = 0.0
 
     def get(self, path: str) -> dict:
-        for attempt in range(10):
+        for _ in range(10):
             if self.conn is None:
                 self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=T)
                 self.conn.connect()
@@ -198,8 +219,15 @@ def run_load(tmp_path, requests: int, threads: int, kill_every: int, reload_at: 
         server.proc.send_signal(signal.SIGTERM)
         code = server.proc.wait(T)
     server.reader.join(T)
-    return dict(server=server, stats=stats, kills=kills, codes=codes, reloaded_at=reloaded_at,
-                probes=probes, exit_code=code)
+    return dict(
+        server=server,
+        stats=stats,
+        kills=kills,
+        codes=codes,
+        reloaded_at=reloaded_at,
+        probes=probes,
+        exit_code=code,
+    )
 
 
 def check(run, requests: int, reloads: int) -> None:
@@ -216,9 +244,11 @@ def check(run, requests: int, reloads: int) -> None:
         assert len(probes) == 8 and all(r["code"] == run["codes"][k] for r in probes), k
     assert run["codes"][0] != run["codes"][1] != run["codes"][2]
     assert run["exit_code"] == 0 and server.lines[-2:] == ["stopped", "<eof>"]
-    print(f"\nprefork_http: {requests} requests, {len(run['kills'])} workers SIGKILLed, "
-          f"{reloads} reloads, {stats.counts['failed']} failed, {stats.counts['retries']} retried "
-          f"(no response byte: {stats.why}), {len(members)} workers in all")
+    print(
+        f"\nprefork_http: {requests} requests, {len(run['kills'])} workers SIGKILLed, "
+        f"{reloads} reloads, {stats.counts['failed']} failed, {stats.counts['retries']} retried "
+        f"(no response byte: {stats.why}), {len(members)} workers in all"
+    )
 
 
 def test_prefork_http_loses_no_request_under_kills_and_reloads(tmp_path):
@@ -229,6 +259,7 @@ def test_prefork_http_loses_no_request_under_kills_and_reloads(tmp_path):
 
 @pytest.mark.slow
 def test_prefork_http_loses_no_request_over_a_long_run(tmp_path):
-    run = run_load(tmp_path, requests=20000, threads=8, kill_every=50,
-                   reload_at=[3000, 7000, 11000, 15000])
+    run = run_load(
+        tmp_path, requests=20000, threads=8, kill_every=50, reload_at=[3000, 7000, 11000, 15000]
+    )
     check(run, 20000, 4)

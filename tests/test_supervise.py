@@ -5,6 +5,7 @@ supervising loop then waits for events only and sees time move when the
 test says so.  Real-clock tests wait on the supervisor's own condition with
 deadlines, never with sleeps.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -20,7 +21,13 @@ import pytest
 
 import forkserver
 from forkserver import (
-    ClosedError, Limits, MemberFailedError, ReloadError, Supervisor, SupervisorStatus, Template,
+    ClosedError,
+    Limits,
+    MemberFailedError,
+    ReloadError,
+    Supervisor,
+    SupervisorStatus,
+    Template,
 )
 
 from ._fake_clock import FakeClock, settle
@@ -57,7 +64,7 @@ def heard_from(m) -> bool:
     return m.idle is not None and m.uptime is not None and m.idle < m.uptime
 
 
-# -- states and status ---------------------------------------------------------------------------
+# -- states and status -----------------------------------------------------------------------------
 
 
 def test_members_start_running_and_status_is_json_friendly(tpl, sups):
@@ -136,33 +143,50 @@ def test_callbacks_run_in_the_parent_in_order_and_a_raising_one_is_ignored(tpl, 
         events.append(("state", old, m.state))
 
     caplog.set_level(logging.ERROR, "forkserver.supervise")
-    sup = sv(sups, (tpl, f"{S}:wait_for_eof"), on_start=on_start, on_exit=on_exit,
-             on_state_change=on_state_change)
+    sup = sv(
+        sups,
+        (tpl, f"{S}:wait_for_eof"),
+        on_start=on_start,
+        on_exit=on_exit,
+        on_state_change=on_state_change,
+    )
     pid = sup.wait_state("running", timeout=T).members[0].pid
     os.kill(pid, signal.SIGKILL)
-    sup.wait_until(lambda s: s.members[0].restarts == 1 and s.members[0].state == "running", timeout=T)
+    sup.wait_until(
+        lambda s: s.members[0].restarts == 1 and s.members[0].state == "running", timeout=T
+    )
     sup.stop()
     starts = [e for e in events if e[0] == "start"]
     assert starts[0][2] == os.getpid() and starts[0][3] == "forkserver-supervisor"
     assert ("exit", pid, -signal.SIGKILL) in events
     states = [e[1:] for e in events if e[0] == "state"]
-    assert states[:4] == [("starting", "running"), ("running", "killed"),
-                          ("killed", "starting"), ("starting", "running")]
+    assert states[:4] == [
+        ("starting", "running"),
+        ("running", "killed"),
+        ("killed", "starting"),
+        ("starting", "running"),
+    ]
     assert states[-2:] == [("running", "finishing"), ("finishing", "finished")]
     assert "a broken callback" in caplog.text  # logged, and supervision went on
 
 
-# -- restarts: backoff and crash loops (fake clock) ----------------------------------------------
+# -- restarts: backoff and crash loops (fake clock) ------------------------------------------------
 
 
 def test_backoff_doubles_from_the_second_restart_up_to_its_cap(tpl, sups):
     clock = FakeClock()
     crash = tpl.fork().send_arg(1)
-    sup = sv(sups, (crash, f"{S}:exit_now"), backoff=(0.1, 0.8), jitter=0, crash_loop=None, _clock=clock)
+    sup = sv(
+        sups, (crash, f"{S}:exit_now"), backoff=(0.1, 0.8), jitter=0, crash_loop=None, _clock=clock
+    )
     delays = []
     for n in range(2, 8):  # the n-th exit; the first restart came without the clock moving
-        st = sup.wait_until(lambda s: s.members[0].counts["failed"] == n
-                            and s.members[0].next_start_in is not None, timeout=T)
+        st = sup.wait_until(
+            lambda s, n=n: (
+                s.members[0].counts["failed"] == n and s.members[0].next_start_in is not None
+            ),
+            timeout=T,
+        )
         delays.append(round(st.members[0].next_start_in, 6))
         assert st.members[0].counts["starting"] == n  # nothing starts before the clock moves
         clock.advance(delays[-1])
@@ -177,12 +201,21 @@ def test_jitter_scales_each_delay_within_its_bounds():
     low = Policy("always", (1.0, 100.0), 0.25, None, rng=lambda: 0.0)
     high = Policy("always", (1.0, 100.0), 0.25, None, rng=lambda: 0.999999)
     assert low.delay(1) == high.delay(1) == 0.0
-    assert low.delay(3) == pytest.approx(2 * 0.75) and high.delay(3) == pytest.approx(2 * 1.25, rel=1e-5)
+    assert low.delay(3) == pytest.approx(2 * 0.75) and high.delay(3) == pytest.approx(
+        2 * 1.25, rel=1e-5
+    )
 
 
 def test_a_member_that_stays_up_for_the_window_resets_the_backoff(tpl, sups):
     clock = FakeClock()
-    sup = sv(sups, (tpl, f"{S}:wait_for_eof"), backoff=(1, 8), jitter=0, crash_loop=(10, 30), _clock=clock)
+    sup = sv(
+        sups,
+        (tpl, f"{S}:wait_for_eof"),
+        backoff=(1, 8),
+        jitter=0,
+        crash_loop=(10, 30),
+        _clock=clock,
+    )
     pid = sup.wait_state("running", timeout=T).members[0].pid
     os.kill(pid, signal.SIGKILL)  # 1st exit in a row: at once
     pid = sup.wait_until(lambda s: s.members[0].pid not in (None, pid), timeout=T).members[0].pid
@@ -194,21 +227,27 @@ def test_a_member_that_stays_up_for_the_window_resets_the_backoff(tpl, sups):
     clock.advance(30)  # up for the whole window
     settle(sup)
     os.kill(pid, signal.SIGKILL)  # counts as a first exit again: at once
-    st = sup.wait_until(lambda s: s.members[0].pid not in (None, pid) and s.members[0].state == "running",
-                        timeout=T)
+    st = sup.wait_until(
+        lambda s: s.members[0].pid not in (None, pid) and s.members[0].state == "running", timeout=T
+    )
     assert st.members[0].counts["killed"] == 3
 
 
 def test_a_crash_loop_marks_the_slot_failed_with_the_reason(tpl, sups):
     clock = FakeClock()
     crash = tpl.fork().send_arg(7)
-    sup = sv(sups, (crash, f"{S}:exit_now"), backoff=(0.5, 5), jitter=0, crash_loop=(3, 10), _clock=clock)
+    sup = sv(
+        sups, (crash, f"{S}:exit_now"), backoff=(0.5, 5), jitter=0, crash_loop=(3, 10), _clock=clock
+    )
     sup.wait_until(lambda s: s.members[0].next_start_in == 0.5, timeout=T)  # 2 exits so far
     clock.advance(0.5)
     st = sup.wait_until(lambda s: s.members[0].gave_up, timeout=T)
     m = st.members[0]
     assert m.state == "failed" and m.counts["starting"] == 3 and m.next_start_in is None
-    assert m.reason.startswith("crash loop: 3 exits within 10 s") and "exited with status 7" in m.reason
+    assert (
+        m.reason.startswith("crash loop: 3 exits within 10 s")
+        and "exited with status 7" in m.reason
+    )
     with pytest.raises(MemberFailedError, match="slot 0 gave up"):
         sup.wait_state("running", timeout=T)
     clock.advance(100)
@@ -220,13 +259,20 @@ def test_a_crash_loop_marks_the_slot_failed_with_the_reason(tpl, sups):
 
 def test_exits_further_apart_than_the_window_are_no_crash_loop(tpl, sups):
     clock = FakeClock()
-    sup = sv(sups, (tpl, f"{S}:wait_for_eof"), backoff=(0.1, 1), jitter=0, crash_loop=(2, 10), _clock=clock)
+    sup = sv(
+        sups,
+        (tpl, f"{S}:wait_for_eof"),
+        backoff=(0.1, 1),
+        jitter=0,
+        crash_loop=(2, 10),
+        _clock=clock,
+    )
     for n in range(1, 5):
         pid = sup.wait_state("running", timeout=T).members[0].pid
         clock.advance(11)
         settle(sup)
         os.kill(pid, signal.SIGKILL)
-        sup.wait_until(lambda s: s.members[0].counts["killed"] == n, timeout=T)
+        sup.wait_until(lambda s, n=n: s.members[0].counts["killed"] == n, timeout=T)
     assert not sup.status().members[0].gave_up
 
 
@@ -271,8 +317,9 @@ def test_a_silent_worker_is_stopped_as_stale_and_restarted(tpl, sups):
     settle(sup)
     assert sup.status().members[0].state == "running"
     clock.advance(0.2)
-    st = sup.wait_until(lambda s: s.members[0].pid not in (None, pid) and s.members[0].counts["killed"],
-                        timeout=T)
+    st = sup.wait_until(
+        lambda s: s.members[0].pid not in (None, pid) and s.members[0].counts["killed"], timeout=T
+    )
     m = st.members[0]
     assert m.reason.startswith("stale: no heartbeat or progress for 5.1 s")
     assert m.exit_code == -signal.SIGTERM and m.restarts == 1
@@ -318,11 +365,20 @@ def test_a_program_whose_lines_are_not_progress_is_stopped_as_stale(tmp_path, su
         seen.append(line)
         return line.startswith("frame=")
 
-    sup = sv(sups, progress_program(tmp_path, 3), stale_timeout=5, progress=progress, restart="never",
-             _clock=clock)
+    sup = sv(
+        sups,
+        progress_program(tmp_path, 3),
+        stale_timeout=5,
+        progress=progress,
+        restart="never",
+        _clock=clock,
+    )
     sup.wait_until(lambda s: "junk" in seen, timeout=T)  # every progress line is in
-    assert seen[:3] == ["frame=0 fps=25 time=00:00:00", "frame=1 fps=25 time=00:00:01",
-                        "frame=2 fps=25 time=00:00:02"]  # \r ends a line, as ffmpeg uses it
+    assert seen[:3] == [
+        "frame=0 fps=25 time=00:00:00",
+        "frame=1 fps=25 time=00:00:01",
+        "frame=2 fps=25 time=00:00:02",
+    ]  # \r ends a line, as ffmpeg uses it
     clock.advance(4)
     settle(sup)
     assert sup.status().members[0].state == "running"  # junk lines do not count, 4 s < 5 s
@@ -339,8 +395,14 @@ def test_a_progress_parser_that_raises_does_not_count_the_line(tmp_path, sups, c
         calls.append(line)
         return 1 / 0
 
-    sup = sv(sups, progress_program(tmp_path, 0, then="x"), stale_timeout=5, _clock=clock,
-             progress=progress, restart="never")
+    sup = sv(
+        sups,
+        progress_program(tmp_path, 0, then="x"),
+        stale_timeout=5,
+        _clock=clock,
+        progress=progress,
+        restart="never",
+    )
     sup.wait_until(lambda s: calls, timeout=T)
     clock.advance(6)
     assert sup.wait_state("killed", timeout=T).members[0].reason.startswith("stale")
@@ -378,7 +440,7 @@ def test_a_supervised_member_imports_nothing_more_than_a_plain_worker(sups, tmp_
     fresh.close()
 
 
-# -- resize, reload, stop ------------------------------------------------------------------------------
+# -- resize, reload, stop --------------------------------------------------------------------------
 
 
 def test_resize_grows_and_shrinks_with_the_stop_ladder(tpl, sups):
@@ -414,10 +476,17 @@ def test_reload_replaces_each_member_only_once_its_successor_runs(tpl, sups):
         def callback(m, *rest):
             st = holder["sup"].status()  # consistent: callbacks run between the loop's turns
             log.append((kind, m.slot, m.pid, m.generation, st.count("running")))
+
         return callback
 
-    sup = sv(sups, (tpl, f"{S}:wait_for_eof"), size=3, on_start=record("start"),
-             on_exit=record("exit"), on_state_change=record("state"))
+    sup = sv(
+        sups,
+        (tpl, f"{S}:wait_for_eof"),
+        size=3,
+        on_start=record("start"),
+        on_exit=record("exit"),
+        on_state_change=record("state"),
+    )
     holder["sup"] = sup
     old = sup.wait_state("running", timeout=T).pids
     new_tpl = Template().require(S)
@@ -454,7 +523,9 @@ def test_a_reload_whose_new_members_cannot_start_rolls_back(tmp_path, sups):
         sup.reload([new])
     assert isinstance(err.value.__cause__, FileNotFoundError)
     st = sup.status()
-    assert st.generation == 0 and all(m.generation == 0 and m.state == "running" for m in st.members)
+    assert st.generation == 0 and all(
+        m.generation == 0 and m.state == "running" for m in st.members
+    )
     assert st.members[0].pid != before.members[0].pid  # replaced, then replaced back
     assert st.members[1:] and [m.pid for m in st.members[1:]] == [m.pid for m in before.members[1:]]
 
@@ -517,13 +588,19 @@ def test_two_hundred_restarts_leave_no_zombie_and_no_fd(tpl, sups):
 
 def test_two_hundred_program_restarts_leave_no_zombie_and_no_fd(tmp_path, sups):
     clock = FakeClock()  # restart at once, no backoff in real time; lines read and closed each time
-    sup = sv(sups, [sys.executable, "-c", "print('frame=1')"], backoff=(0, 0), crash_loop=None,
-             progress=lambda line: True, _clock=clock)
+    sup = sv(
+        sups,
+        [sys.executable, "-c", "print('frame=1')"],
+        backoff=(0, 0),
+        crash_loop=None,
+        progress=lambda line: True,
+        _clock=clock,
+    )
     sup.wait_until(lambda s: s.members[0].restarts >= 200, timeout=120)
     sup.stop()
 
 
-# -- asyncio ---------------------------------------------------------------------------------------------
+# -- asyncio ---------------------------------------------------------------------------------------
 
 
 def test_asyncio_waits_and_requests_do_not_block_the_loop(tpl, sups):
@@ -570,35 +647,41 @@ def test_a_cancelled_await_leaves_the_supervisor_consistent(tpl, sups):
     assert st.size == 3
 
 
-# -- bad input -----------------------------------------------------------------------------------------
+# -- bad input -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs, error, words", [
-    (dict(restart="sometimes"), ValueError, "restart="),
-    (dict(backoff=(5, 1)), ValueError, "first delay <= longest"),
-    (dict(backoff=3), TypeError, "backoff="),
-    (dict(jitter=1.5), ValueError, "jitter="),
-    (dict(crash_loop=(0, 1)), ValueError, "crash_loop="),
-    (dict(stale_timeout=0), ValueError, "stale_timeout="),
-    (dict(limits={"cpu": 1}), TypeError, "forkserver.Limits"),
-    (dict(stop_signals=(signal.SIGKILL,)), ValueError, "SIGKILL always comes last"),
-    (dict(stop_signals=("TERM",)), ValueError, "not a signal"),
-    (dict(grace=-1), ValueError, "grace="),
-    (dict(size=-1), ValueError, "size must be"),
-    (dict(on_exit="print"), TypeError, "on_exit="),
-    (dict(progress=print), TypeError, "heartbeat"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        (dict(restart="sometimes"), ValueError, "restart="),
+        (dict(backoff=(5, 1)), ValueError, "first delay <= longest"),
+        (dict(backoff=3), TypeError, "backoff="),
+        (dict(jitter=1.5), ValueError, "jitter="),
+        (dict(crash_loop=(0, 1)), ValueError, "crash_loop="),
+        (dict(stale_timeout=0), ValueError, "stale_timeout="),
+        (dict(limits={"cpu": 1}), TypeError, "forkserver.Limits"),
+        (dict(stop_signals=(signal.SIGKILL,)), ValueError, "SIGKILL always comes last"),
+        (dict(stop_signals=("TERM",)), ValueError, "not a signal"),
+        (dict(grace=-1), ValueError, "grace="),
+        (dict(size=-1), ValueError, "size must be"),
+        (dict(on_exit="print"), TypeError, "on_exit="),
+        (dict(progress=print), TypeError, "heartbeat"),
+    ],
+)
 def test_bad_arguments_raise_clear_errors(tpl, kwargs, error, words):
     with pytest.raises(error, match=words):
         Supervisor((tpl, f"{S}:wait_for_eof"), **kwargs)
 
 
-@pytest.mark.parametrize("start, error, words", [
-    ("sleep 10", TypeError, "a program is a list"),
-    (["/no/such/program"], FileNotFoundError, "no program"),
-    (["no-such-program-here"], FileNotFoundError, "on PATH"),
-    (42, TypeError, "expected"),
-])
+@pytest.mark.parametrize(
+    "start, error, words",
+    [
+        ("sleep 10", TypeError, "a program is a list"),
+        (["/no/such/program"], FileNotFoundError, "no program"),
+        (["no-such-program-here"], FileNotFoundError, "on PATH"),
+        (42, TypeError, "expected"),
+    ],
+)
 def test_bad_starts_raise_clear_errors(start, error, words):
     with pytest.raises(error, match=words):
         Supervisor(start)
@@ -614,9 +697,13 @@ def test_a_template_alone_or_a_missing_target_is_refused(tpl):
 
 
 def test_limits_check_their_values():
-    for kwargs, words in [(dict(cpu=0), "CPU share"), (dict(memory=1.5), "bytes"),
-                          (dict(duration=-1), "duration"), (dict(mode="pause"), "mode"),
-                          (dict(mode="throttle", memory=10), "give cpu")]:
+    for kwargs, words in [
+        (dict(cpu=0), "CPU share"),
+        (dict(memory=1.5), "bytes"),
+        (dict(duration=-1), "duration"),
+        (dict(mode="pause"), "mode"),
+        (dict(mode="throttle", memory=10), "give cpu"),
+    ]:
         with pytest.raises(ValueError, match=words):
             Limits(**kwargs)
 
@@ -632,8 +719,15 @@ def test_wait_state_checks_its_arguments(tpl, sups):
 
 
 def test_public_names_are_exported():
-    for name in ("Supervisor", "Limits", "SupervisorStatus", "MemberStatus", "ReloadError",
-                 "MemberFailedError", "BrokenSupervisorError"):
+    for name in (
+        "Supervisor",
+        "Limits",
+        "SupervisorStatus",
+        "MemberStatus",
+        "ReloadError",
+        "MemberFailedError",
+        "BrokenSupervisorError",
+    ):
         assert name in forkserver.__all__ and getattr(forkserver, name)
     from forkserver.worker import heartbeat
 

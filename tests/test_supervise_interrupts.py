@@ -7,6 +7,7 @@ The supervising thread is not interrupted: Python delivers KeyboardInterrupt
 to the main thread only, and the calls are built so that the main thread
 only queues a request and waits for it.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,12 @@ def idle(sup) -> None:
     with engine.cond:
         assert engine.cond.wait_for(lambda: engine.active is None and not engine.requests, T)
     # Every member has sent its heartbeat: it runs our code, under its own title.
-    sup.wait_until(lambda s: not s.retiring and all(
-        m.state == "running" and m.idle < m.uptime for m in s.members), timeout=T)
+    sup.wait_until(
+        lambda s: (
+            not s.retiring and all(m.state == "running" and m.idle < m.uptime for m in s.members)
+        ),
+        timeout=T,
+    )
 
 
 def members_alive() -> set:
@@ -80,7 +85,7 @@ def test_an_interrupted_resize_leaves_every_member_reachable(tpl):
         sup.wait_state("running", timeout=T)
         sizes = iter([3, 1] * 400)
         runs = 0
-        for hook in interrupted_runs(lambda: sup.resize(next(sizes))):
+        for _hook in interrupted_runs(lambda: sup.resize(next(sizes))):
             runs += 1
             idle(sup)
             assert_reachable(sup)
@@ -114,7 +119,7 @@ def test_an_interrupted_reload_leaves_every_member_reachable(tpl):
     with Supervisor((tpl, f"{S}:ready_then_wait"), size=2) as sup:
         sup.wait_state("running", timeout=T)
         runs = 0
-        for hook in interrupted_runs(lambda: sup.reload(tpl), under=ROOM):
+        for _hook in interrupted_runs(lambda: sup.reload(tpl), under=ROOM):
             runs += 1
             idle(sup)
             assert_reachable(sup)

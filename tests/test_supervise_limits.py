@@ -4,6 +4,7 @@ The throttle test measures the member's CPU time over a window of real time
 (psutil), with a wide margin: a paused process cannot run, so its share can
 only go *below* the target on a loaded machine, never far above it.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,7 +33,9 @@ def tpl():
 
 def test_a_member_allocating_300_mib_with_a_100_mib_limit_is_stopped(tpl):
     big = tpl.fork().send_arg(300)
-    with Supervisor((big, f"{S}:allocate"), limits=Limits(memory=100 * MIB), restart="never") as sup:
+    with Supervisor(
+        (big, f"{S}:allocate"), limits=Limits(memory=100 * MIB), restart="never"
+    ) as sup:
         st = sup.wait_state("killed", timeout=T)
         m = st.members[0]
         assert m.reason.startswith("memory ") and "over the limit of 100 MiB" in m.reason
@@ -59,8 +62,12 @@ def test_a_limit_acts_only_after_its_duration(tpl):
     r, w = os.pipe()
     with os.fdopen(w, "wb") as told:
         heavy = tpl.fork().send_arg(150).send_fh(told)
-    with Supervisor((heavy, f"{S}:allocate_then_tell"), limits=Limits(memory=100 * MIB, duration=5),
-                    restart="never", _clock=clock) as sup:
+    with Supervisor(
+        (heavy, f"{S}:allocate_then_tell"),
+        limits=Limits(memory=100 * MIB, duration=5),
+        restart="never",
+        _clock=clock,
+    ) as sup:
         sup.wait_state("running", timeout=T)
         assert select.select([r], [], [], T)[0] and os.read(r, 1) == b"!"  # it holds 150 MiB now
         for _ in range(5):
@@ -78,7 +85,9 @@ def test_memory_counts_private_pages_not_those_shared_with_the_template(tpl):
     clock = FakeClock()
     heavy = tpl.fork()
     heavy.eval("ballast = b'x' * (150 << 20)")  # in every member's RSS, in none's USS
-    with Supervisor((heavy, f"{S}:wait_for_eof"), limits=Limits(memory=100 * MIB), _clock=clock) as sup:
+    with Supervisor(
+        (heavy, f"{S}:wait_for_eof"), limits=Limits(memory=100 * MIB), _clock=clock
+    ) as sup:
         pid = sup.wait_state("running", timeout=T).members[0].pid
         for _ in range(2):
             clock.advance(1.0)
@@ -94,7 +103,9 @@ def test_throttling_holds_a_busy_loop_below_its_cpu_limit(tpl):
     with Supervisor((tpl, f"{S}:busy"), limits=Limits(cpu=limit, mode="throttle")) as sup:
         st = sup.wait_until(lambda s: s.members[0].throttled, timeout=T)
         proc = psutil.Process(st.members[0].pid)
-        sup.wait_until(lambda s: s.members[0].cpu is not None and s.members[0].cpu < 2 * limit, timeout=T)
+        sup.wait_until(
+            lambda s: s.members[0].cpu is not None and s.members[0].cpu < 2 * limit, timeout=T
+        )
         t0, c0 = time.monotonic(), sum(proc.cpu_times()[:2])
         time.sleep(3.0)  # the measurement window (not a synchronisation)
         t1, c1 = time.monotonic(), sum(proc.cpu_times()[:2])
@@ -110,7 +121,10 @@ def test_throttling_holds_a_busy_loop_below_its_cpu_limit(tpl):
 def test_a_cpu_limit_in_kill_mode_stops_a_busy_loop(tpl):
     with Supervisor((tpl, f"{S}:busy"), limits=Limits(cpu=0.05), restart="never") as sup:
         st = sup.wait_state("killed", timeout=T)
-        assert st.members[0].reason.startswith("CPU ") and "over the limit of 0.05" in st.members[0].reason
+        assert (
+            st.members[0].reason.startswith("CPU ")
+            and "over the limit of 0.05" in st.members[0].reason
+        )
 
 
 def test_a_stopped_throttled_member_is_let_run_and_exits(tpl):

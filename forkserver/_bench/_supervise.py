@@ -16,6 +16,7 @@ Runs in ``python -m forkserver bench`` (scenario ``supervise``) and
 ``benchmarks/supervise.py``.  gunicorn is optional: ``pip install
 'forkserver[bench]'``.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -58,10 +59,12 @@ def serve(control: socket.socket, listener: socket.socket) -> None:
                     break
                 data += chunk
             status: List[str] = []
-            body = b"".join(app({"REQUEST_METHOD": "GET", "PATH_INFO": "/"},
-                                lambda s, headers: status.append(s)))
-            conn.sendall(b"HTTP/1.1 %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
-                         % (status[0].encode(), len(body), body))
+            environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/"}
+            body = b"".join(app(environ, lambda s, headers, status=status: status.append(s)))
+            conn.sendall(
+                b"HTTP/1.1 %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                % (status[0].encode(), len(body), body)
+            )
 
 
 def probe(port: int, timeout: float = B.TIMEOUT) -> int:
@@ -111,8 +114,12 @@ class Ours:
     def once(self) -> float:
         ms = restart_ms(self.port)
         # Untimed: the replacement has come up, so the next kill restarts at once.
-        self.sup.wait_until(lambda s: s.members[0].idle is not None
-                            and s.members[0].idle < (s.members[0].uptime or 0), timeout=B.TIMEOUT)
+        self.sup.wait_until(
+            lambda s: (
+                s.members[0].idle is not None and s.members[0].idle < (s.members[0].uptime or 0)
+            ),
+            timeout=B.TIMEOUT,
+        )
         return ms
 
     def close(self) -> None:
@@ -130,9 +137,25 @@ class Gunicorn:
         os.set_inheritable(fd, True)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--workers", "1", "--preload", "--bind", f"fd://{fd}",
-             "--log-level", "critical", "--graceful-timeout", "1", f"{__name__}:app"],
-            pass_fds=[fd], env=env, stdin=subprocess.DEVNULL)
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "--workers",
+                "1",
+                "--preload",
+                "--bind",
+                f"fd://{fd}",
+                "--log-level",
+                "critical",
+                "--graceful-timeout",
+                "1",
+                f"{__name__}:app",
+            ],
+            pass_fds=[fd],
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
         listener.close()
         deadline = time.monotonic() + B.TIMEOUT
         while True:  # our request waits in the backlog until gunicorn's first worker answers
@@ -142,7 +165,8 @@ class Gunicorn:
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.close()
-                    raise RuntimeError(f"gunicorn did not start (exit status {self.proc.returncode})")
+                    code = self.proc.returncode
+                    raise RuntimeError(f"gunicorn did not start (exit status {code})") from None
 
     def once(self) -> float:
         return restart_ms(self.port)
@@ -172,14 +196,21 @@ def run(bench: Any, scenario: Any) -> Any:
             theirs = Gunicorn()
             scenario.contenders.append(B.Contender(GUNICORN, theirs.once))
         else:
-            scenario.contenders.append(B.Contender(GUNICORN, None, note="gunicorn is not installed "
-                                                   "(pip install 'forkserver[bench]')"))
+            scenario.contenders.append(
+                B.Contender(
+                    GUNICORN,
+                    None,
+                    note="gunicorn is not installed (pip install 'forkserver[bench]')",
+                )
+            )
         bench.measure(scenario.contenders, rounds=rounds)
     finally:
         for server in (theirs, ours):
             if server is not None:
                 server.close()
-    scenario.notes.append("one worker, the same WSGI app and listener; a request sent right "
-                          "after the SIGKILL waits in the backlog for the replacement")
+    scenario.notes.append(
+        "one worker, the same WSGI app and listener; a request sent right "
+        "after the SIGKILL waits in the backlog for the replacement"
+    )
     scenario.notes.append("gunicorn: --workers 1 --preload --bind fd://N, its sync worker")
     return scenario

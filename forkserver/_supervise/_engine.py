@@ -11,6 +11,7 @@ children are left alone), a worker's control socket when it sends a
 heartbeat, a program's pipe when it prints, the wake pipe when a method of
 ``Supervisor`` queued a request.
 """
+
 from __future__ import annotations
 
 import collections
@@ -26,7 +27,7 @@ from .._errors import BrokenSupervisorError, ClosedError, ReloadError
 from .._reaper import reaper
 from .._wait import ReapedElsewhere
 from ._limits import Limits
-from ._member import Proc, Slot, all_procs, classify, retiring_status
+from ._member import KILL_WAIT, Proc, Slot, all_procs, classify, retiring_status
 from ._policy import Clock, Policy
 from ._requests import Reload, Request, Resize, Stop
 from ._status import FAILED, FINISHED, FINISHING, KILLED, RUNNING, STARTING, SupervisorStatus
@@ -40,10 +41,19 @@ Job = Tuple[Slot, Any, int, bool]  # slot, start spec, generation, replaces the 
 class Engine:
     """A supervisor's state and its thread (see the module docstring)."""
 
-    def __init__(self, spec: Any, size: int, policy: Policy, limits: Optional[Limits],
-                 stale_timeout: Optional[float], stop_signals: Tuple[int, ...], grace: float,
-                 progress: Optional[Callable[[str], Any]], callbacks: Dict[str, Any],
-                 clock: Optional[Clock] = None) -> None:
+    def __init__(
+        self,
+        spec: Any,
+        size: int,
+        policy: Policy,
+        limits: Optional[Limits],
+        stale_timeout: Optional[float],
+        stop_signals: Tuple[int, ...],
+        grace: float,
+        progress: Optional[Callable[[str], Any]],
+        callbacks: Dict[str, Any],
+        clock: Optional[Clock] = None,
+    ) -> None:
         self.cond = threading.Condition(threading.RLock())
         self.clock = clock or Clock()
         self.spec, self.generation, self._generations = spec, 0, 0
@@ -63,7 +73,9 @@ class Engine:
         self.turns = 0
         self._dirty = True
         self._calls: List[Tuple[Callable[..., Any], tuple]] = []
-        self._async: Set[Tuple[Any, Any]] = set()  # (event loop, asyncio.Event) of awaiting coroutines
+        self._async: Set[Tuple[Any, Any]] = (
+            set()
+        )  # (event loop, asyncio.Event) of awaiting coroutines
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.thread = threading.Thread(target=self._run, name="forkserver-supervisor", daemon=True)
 
@@ -103,8 +115,10 @@ class Engine:
         with self.cond:
             now, wall = self.clock.monotonic(), self.clock.time()
             return SupervisorStatus(
-                state=self.phase, size=sum(1 for s in self.slots if not s.removing),
-                generation=self.generation, reloads=self.reloads,
+                state=self.phase,
+                size=sum(1 for s in self.slots if not s.removing),
+                generation=self.generation,
+                reloads=self.reloads,
                 members=tuple(s.status(now) for s in self.slots),
                 retiring=tuple(retiring_status(p, now, wall) for p in self.retiring),
                 error=self.error,
@@ -121,7 +135,9 @@ class Engine:
 
     def _closed_error(self, what: str) -> Exception:
         if self.phase == "broken":
-            return BrokenSupervisorError(f"{what}: the supervisor broke ({self.error}); make a new one")
+            return BrokenSupervisorError(
+                f"{what}: the supervisor broke ({self.error}); make a new one"
+            )
         return ClosedError(f"{what}: the supervisor was stopped; make a new one")
 
     # -- the thread -----------------------------------------------------------------------
@@ -220,12 +236,12 @@ class Engine:
     def _resize(self, req: Resize, now: float) -> None:
         live = [s for s in self.slots if not s.removing]
         wall = self.clock.time()
-        for slot in live[req.size:]:
+        for slot in live[req.size :]:
             slot.removing, slot.next_start = True, None
             if slot.proc is not None:
                 slot.proc.stop(self.signals, self.grace, now, FINISHED, "removed by resize()")
                 self._set_state(slot, FINISHING, now)
-        for i in range(len(live), req.size):
+        for _ in range(len(live), req.size):
             slot = Slot(len(self.slots), now, wall)
             self.slots.append(slot)
             req.new_slots.append(slot)
@@ -283,7 +299,9 @@ class Engine:
             return False
         assert self._stop_request is not None
         if any(s.starting for s in self.slots) or all_procs(self.slots, self.retiring):
-            self._stop_all(self.clock.monotonic(), self._stop_request.grace)  # a start finished meanwhile
+            self._stop_all(
+                self.clock.monotonic(), self._stop_request.grace
+            )  # a start finished meanwhile
             return False
         return True
 
@@ -299,7 +317,11 @@ class Engine:
                         self._abandon(proc, now)
                 continue
             if self.stale is not None and proc.watched and now - proc.last_progress >= self.stale:
-                self._enforce(proc, now, f"stale: no heartbeat or progress for {now - proc.last_progress:.1f} s")
+                self._enforce(
+                    proc,
+                    now,
+                    f"stale: no heartbeat or progress for {now - proc.last_progress:.1f} s",
+                )
                 continue
             self._sample(proc, now)
 
@@ -314,7 +336,7 @@ class Engine:
         limits = self.limits
         if limits is None:
             return
-        if s.throttled:
+        if s.throttled and limits.cpu is not None:
             s.retune(limits.cpu, now, proc.pidfd)
         over = s.over(limits)
         if over is None:
@@ -325,7 +347,7 @@ class Engine:
             s.over_since = now
         if now - s.over_since < limits.duration:
             return
-        if kind == "cpu" and limits.mode == "throttle":
+        if kind == "cpu" and limits.mode == "throttle" and limits.cpu is not None:
             s.throttle(limits.cpu, now, proc.pidfd)
             log.info("pid %d: %s; throttled to %.0f %% of the time", proc.pid, what, 100 * s.duty)
         else:
@@ -359,7 +381,9 @@ class Engine:
             if self.stale is not None and proc.watched:
                 times.append(proc.last_progress + self.stale)
         if self.phase == "running":
-            times += [s.next_start for s in self.slots if s.next_start is not None and s.proc is None]
+            times += [
+                s.next_start for s in self.slots if s.next_start is not None and s.proc is None
+            ]
         return min(times) if times else None
 
     # -- starting members -----------------------------------------------------------------------
@@ -402,6 +426,7 @@ class Engine:
             if error is not None:
                 self._start_failed(slot, error, replacing, now)
                 return
+            assert child is not None
             proc = Proc(child, spec, generation, slot.index, now)
             old = slot.proc
             slot.proc, slot.generation, slot.next_start = proc, generation, None
@@ -424,15 +449,23 @@ class Engine:
         if replacing and not isinstance(req, Reload):
             return  # the reload was ended by stop(): the slot keeps its process
         if replacing and isinstance(req, Reload):
-            log.warning("reload(): a new member could not start (%s: %s); rolling back", type(error).__name__, error)
+            log.warning(
+                "reload(): a new member could not start (%s: %s); rolling back",
+                type(error).__name__,
+                error,
+            )
             if req.cause is None:
                 req.cause = error
                 req.target = req.old_generation
                 self.spec, self.generation = req.old_spec, req.old_generation
             else:  # the old start fails too now: stop where we are
-                self._done(req, ReloadError(f"reload(): {req.cause}; rolling back failed too: {error}"))
+                self._done(
+                    req, ReloadError(f"reload(): {req.cause}; rolling back failed too: {error}")
+                )
             return
-        log.warning("slot %d: could not start a member: %s: %s", slot.index, type(error).__name__, error)
+        log.warning(
+            "slot %d: could not start a member: %s: %s", slot.index, type(error).__name__, error
+        )
         slot.attempts += 1
         slot.start_failures += 1
         slot.exit_code = None
@@ -440,7 +473,7 @@ class Engine:
         self._set_state(slot, FAILED, now)
         self._after_end(slot, FAILED, 0.0, now)
 
-    # -- exits ---------------------------------------------------------------------------------------
+    # -- exits -------------------------------------------------------------------------------
 
     def _poll(self) -> None:
         with self.cond:
@@ -507,7 +540,10 @@ class Engine:
         slot.exit_code, slot.reason = code, reason
         slot.memory_max = proc.sampler.memory_max
         self._set_state(slot, state, now)
-        self._emit("on_exit", dataclasses.replace(slot.status(now), pid=proc.pid, generation=proc.generation))
+        self._emit(
+            "on_exit",
+            dataclasses.replace(slot.status(now), pid=proc.pid, generation=proc.generation),
+        )
         if slot.removing:
             self._drop_removed()
             return
@@ -515,7 +551,9 @@ class Engine:
             return  # a stop that was asked for: no restart
         self._after_end(slot, state, now - proc.started_at, now, proc.came_up)
 
-    def _after_end(self, slot: Slot, state: str, uptime: float, now: float, came_up: bool = False) -> None:
+    def _after_end(
+        self, slot: Slot, state: str, uptime: float, now: float, came_up: bool = False
+    ) -> None:
         """A member ended without being asked to: restart it (after the backoff), or give up.
 
         The backoff is for members that fail to boot: one that had come up
@@ -541,7 +579,12 @@ class Engine:
         slot.next_start = now + policy.delay(slot.streak)
 
     def _drop_removed(self) -> None:
-        while self.slots and self.slots[-1].removing and self.slots[-1].proc is None and not self.slots[-1].starting:
+        while (
+            self.slots
+            and self.slots[-1].removing
+            and self.slots[-1].proc is None
+            and not self.slots[-1].starting
+        ):
             self.slots.pop()
             self._dirty = True
 
@@ -552,14 +595,16 @@ class Engine:
         pidfd, child._pidfd = child._pidfd, None
         reaper.adopt(proc.pid, pidfd)
         proc.close()
-        proc.ladder.final = KILLED  # type: ignore[union-attr]
-        proc.ladder.reason = f"{proc.ladder.reason}; still not gone {KILL_WAIT:g} s after SIGKILL"  # type: ignore[union-attr]
+        ladder = proc.ladder
+        assert ladder is not None
+        ladder.final = KILLED
+        ladder.reason = f"{ladder.reason}; still not gone {KILL_WAIT:g} s after SIGKILL"
         if proc in self.retiring:
             self.retiring.remove(proc)
             return
         slot = self._slot_of(proc)
         if slot is not None:
-            slot.proc, slot.exit_code, slot.reason = None, None, proc.ladder.reason  # type: ignore[union-attr]
+            slot.proc, slot.exit_code, slot.reason = None, None, ladder.reason
             self._set_state(slot, KILLED, now)
             if slot.removing:
                 self._drop_removed()

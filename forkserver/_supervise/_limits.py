@@ -1,10 +1,11 @@
-"""Resource limits of supervised members: ``Limits``, psutil sampling, CPU throttling (parent side).
+"""Limits of supervised members: ``Limits``, psutil sampling, CPU throttling (parent side).
 
 Each member is sampled about once a second (psutil: CPU time and memory).
 Memory is the member's *private* memory (USS, from ``/proc/<pid>/smaps_rollup``,
 ~60 us): a worker forked from a big template shares most of its pages with
-it, and its RSS would count them all.  A member over a limit for ``duration`` seconds is either stopped with the stop
-ladder (``mode="kill"``) or, for CPU, throttled (``mode="throttle"``): the
+it, and its RSS would count them all.  A member over a limit for
+``duration`` seconds is either stopped with the stop ladder
+(``mode="kill"``) or, for CPU, throttled (``mode="throttle"``): the
 supervisor alternates SIGSTOP and SIGCONT so that the process runs only a
 fraction (its *duty*) of every 100 ms period, as cpulimit and datarhei's
 supervisor do.  A stopped process cannot run at all, so its CPU share over a
@@ -12,6 +13,7 @@ window cannot exceed the duty by more than the signals' latency, whatever
 the machine's load.  Memory cannot be reclaimed by pausing a process: a
 memory limit always stops the member.
 """
+
 from __future__ import annotations
 
 import signal
@@ -51,7 +53,9 @@ class Limits:
         if self.cpu is not None and not (isinstance(self.cpu, (int, float)) and self.cpu > 0):
             raise ValueError(f"Limits(cpu={self.cpu!r}): a CPU share > 0 (1.0 = one whole CPU)")
         if self.memory is not None and not (isinstance(self.memory, int) and self.memory > 0):
-            raise ValueError(f"Limits(memory={self.memory!r}): bytes, an int > 0 (e.g. 100 * 2**20)")
+            raise ValueError(
+                f"Limits(memory={self.memory!r}): bytes, an int > 0 (e.g. 100 * 2**20)"
+            )
         if not (isinstance(self.duration, (int, float)) and self.duration >= 0):
             raise ValueError(f"Limits(duration={self.duration!r}): seconds >= 0")
         if self.mode not in ("kill", "throttle"):
@@ -109,9 +113,16 @@ class Sampler:
         A throttled process is never over its CPU limit: the duty cycle holds it there.
         """
         if limits.memory is not None and self.memory is not None and self.memory > limits.memory:
-            return "memory", (f"memory {self.memory / MIB:.0f} MiB over the limit of "
-                              f"{limits.memory / MIB:.0f} MiB")
-        if limits.cpu is not None and self.cpu is not None and self.cpu > limits.cpu and not self.throttled:
+            return "memory", (
+                f"memory {self.memory / MIB:.0f} MiB over the limit of "
+                f"{limits.memory / MIB:.0f} MiB"
+            )
+        if (
+            limits.cpu is not None
+            and self.cpu is not None
+            and self.cpu > limits.cpu
+            and not self.throttled
+        ):
             return "cpu", f"CPU {self.cpu:.2f} over the limit of {limits.cpu:.2f}"
         return None
 
@@ -121,7 +132,7 @@ class Sampler:
     def throttled(self) -> bool:
         return self.duty < 1.0
 
-    def retune(self, limit: float, now: float, pidfd: int) -> None:
+    def retune(self, limit: float, now: float, pidfd: Optional[int]) -> None:
         """After a sample while throttled: set the duty so the share comes to ``limit``.
 
         The process used ``cpu`` while allowed to run ``duty`` of the time,
@@ -138,7 +149,7 @@ class Sampler:
         if self.duty >= 1.0:
             self.release(pidfd)
 
-    def throttle(self, limit: float, now: float, pidfd: int) -> None:
+    def throttle(self, limit: float, now: float, pidfd: Optional[int]) -> None:
         """Start the duty cycle (the last sample was over ``limit``)."""
         want = self.cpu if self.cpu else 1.0
         self.duty = min(1.0, max(MIN_DUTY, limit / want))
@@ -149,7 +160,7 @@ class Sampler:
         self.next_toggle = now + self.duty * PERIOD
         self.over_since = None
 
-    def toggle(self, now: float, pidfd: int) -> None:
+    def toggle(self, now: float, pidfd: Optional[int]) -> None:
         """At ``next_toggle``: pause a running process, or let a paused one run."""
         if not self.throttled:
             return
@@ -168,9 +179,10 @@ class Sampler:
         self.duty, self.paused, self.next_toggle = 1.0, False, None
 
 
-def _signal(pidfd: int, sig: int) -> None:
+def _signal(pidfd: Optional[int], sig: int) -> None:
+    if pidfd is None:
+        return  # reaped already
     try:
         signal.pidfd_send_signal(pidfd, sig)
     except ProcessLookupError:
         pass  # exited meanwhile: the pidfd reports it
-

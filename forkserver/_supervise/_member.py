@@ -3,6 +3,7 @@
 Only the supervising thread touches these, with the supervisor's lock held;
 ``status()`` reads them under the same lock.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,7 +38,9 @@ class Ladder:
     supervisor enforces staleness or a limit.
     """
 
-    def __init__(self, signals: Sequence[int], grace: float, now: float, final: str, reason: str) -> None:
+    def __init__(
+        self, signals: Sequence[int], grace: float, now: float, final: str, reason: str
+    ) -> None:
         self.signals = list(signals)
         self._left = list(signals)
         self.grace = grace
@@ -78,7 +81,9 @@ class Proc:
         self.closed = False
         self._lines = bytearray()
         if spec.kind == "worker":
-            self.watch_fd: Optional[int] = child.control.fileno() if child.control is not None else None
+            self.watch_fd: Optional[int] = (
+                child.control.fileno() if child.control is not None else None
+            )
             self._is_socket = True
         else:
             self.watch_fd = spec.output_fd(child)
@@ -96,7 +101,9 @@ class Proc:
         except ProcessLookupError:
             pass  # exited meanwhile: its pidfd says so
 
-    def stop(self, signals: Sequence[int], grace: float, now: float, final: str, reason: str) -> None:
+    def stop(
+        self, signals: Sequence[int], grace: float, now: float, final: str, reason: str
+    ) -> None:
         """Start the stop ladder (once; a later request keeps the first ladder)."""
         if self.ladder is None:
             self.sampler.release(self.pidfd)
@@ -153,7 +160,9 @@ class Proc:
         try:
             accepted = progress(line)
         except Exception:
-            log.exception("progress(%r) of pid %d raised; the line does not count as progress", line, self.pid)
+            log.exception(
+                "progress(%r) of pid %d raised; the line does not count as progress", line, self.pid
+            )
             return
         if accepted:
             self.last_progress, self.came_up = now, True
@@ -173,7 +182,10 @@ def classify(code: Optional[int], ladder: Optional[Ladder]) -> Tuple[str, Option
             return KILLED, ladder.reason
         if ladder.sigkilled and code is not None and code < 0:
             names = ", ".join(signal_name(s) for s in ladder.signals) or "no stop signal"
-            return KILLED, f"{ladder.reason}; still running {ladder.grace:g} s after {names}: SIGKILLed"
+            return (
+                KILLED,
+                f"{ladder.reason}; still running {ladder.grace:g} s after {names}: SIGKILLed",
+            )
         return FINISHED, ladder.reason
     if code is None:
         return FAILED, "reaped by someone else's waitpid: its exit status is lost"
@@ -231,7 +243,9 @@ class Slot:
             start_failures=self.start_failures,
             exit_code=self.exit_code,
             reason=self.reason,
-            next_start_in=None if self.next_start is None or proc is not None else max(0.0, self.next_start - now),
+            next_start_in=None
+            if self.next_start is None or proc is not None
+            else max(0.0, self.next_start - now),
             gave_up=self.gave_up,
             **dict(proc_fields(proc, now), **({} if proc else {"memory_max": self.memory_max})),
         )
@@ -240,8 +254,15 @@ class Slot:
 def proc_fields(proc: Optional[Proc], now: float) -> Dict[str, Any]:
     """The MemberStatus fields that describe the running process."""
     if proc is None:
-        return dict(uptime=None, idle=None, cpu=None, memory=None, memory_max=None, rss=None,
-                    throttled=False)
+        return dict(
+            uptime=None,
+            idle=None,
+            cpu=None,
+            memory=None,
+            memory_max=None,
+            rss=None,
+            throttled=False,
+        )
     s = proc.sampler
     return dict(
         uptime=max(0.0, now - proc.started_at),
@@ -260,10 +281,20 @@ def retiring_status(proc: Proc, now: float, wall: float) -> MemberStatus:
     counts[FINISHING] = 1
     at, since = proc.retired_at or (now, wall)
     return MemberStatus(
-        slot=proc.slot, state=FINISHING, pid=proc.pid, generation=proc.generation,
-        since=since, duration=max(0.0, now - at), counts=counts, restarts=0, start_failures=0,
-        exit_code=None, reason=proc.ladder.reason if proc.ladder else None,
-        next_start_in=None, gave_up=True, **proc_fields(proc, now),
+        slot=proc.slot,
+        state=FINISHING,
+        pid=proc.pid,
+        generation=proc.generation,
+        since=since,
+        duration=max(0.0, now - at),
+        counts=counts,
+        restarts=0,
+        start_failures=0,
+        exit_code=None,
+        reason=proc.ladder.reason if proc.ladder else None,
+        next_start_in=None,
+        gave_up=True,
+        **proc_fields(proc, now),
     )
 
 

@@ -6,6 +6,7 @@ control socket where ``forkserver.worker.heartbeat()`` finds it, then calls
 the user's target as ``target(control, *sent)``.  Keep it lean: it is in
 every worker (no threading, nothing parent-side).
 """
+
 from __future__ import annotations
 
 import socket
@@ -83,7 +84,8 @@ def check(module: str, qualname: str) -> None:
             obj = getattr(obj, part)
         except AttributeError:
             raise AttributeError(
-                f"module {module!r} has no attribute {qualname!r}; check the target given to Supervisor()"
+                f"module {module!r} has no attribute {qualname!r}; "
+                "check the target given to Supervisor()"
             ) from None
     if not callable(obj):
         raise TypeError(f"Supervisor(): {module}:{qualname} is {obj!r}, which is not callable")

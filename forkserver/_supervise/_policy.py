@@ -16,6 +16,7 @@ The rules, as the docs state them:
   that slot; it is marked ``failed`` with the reason.  ``crash_loop=None``
   keeps restarting, never faster than the backoff allows.
 """
+
 from __future__ import annotations
 
 import collections
@@ -56,15 +57,21 @@ class Policy:
         rng: Callable[[], float] = random.random,
     ) -> None:
         if restart not in POLICIES:
-            raise ValueError(f"Supervisor(restart={restart!r}): one of {', '.join(map(repr, POLICIES))}")
+            raise ValueError(
+                f"Supervisor(restart={restart!r}): one of {', '.join(map(repr, POLICIES))}"
+            )
         try:
             first, most = (float(x) for x in backoff)
         except (TypeError, ValueError):
-            raise TypeError(f"Supervisor(backoff={backoff!r}): (first delay, longest delay) in seconds") from None
+            raise TypeError(
+                f"Supervisor(backoff={backoff!r}): (first delay, longest delay) in seconds"
+            ) from None
         if not 0 <= first <= most:
             raise ValueError(f"Supervisor(backoff={backoff!r}): 0 <= first delay <= longest delay")
         if not 0 <= jitter < 1:
-            raise ValueError(f"Supervisor(jitter={jitter!r}): a fraction in [0, 1), e.g. 0.1 for +-10 %")
+            raise ValueError(
+                f"Supervisor(jitter={jitter!r}): a fraction in [0, 1), e.g. 0.1 for +-10 %"
+            )
         if crash_loop is not None:
             try:
                 count, window = int(crash_loop[0]), float(crash_loop[1])
@@ -73,7 +80,9 @@ class Policy:
                     f"Supervisor(crash_loop={crash_loop!r}): (exits, seconds), or None for no limit"
                 ) from None
             if count < 1 or window <= 0:
-                raise ValueError(f"Supervisor(crash_loop={crash_loop!r}): at least 1 exit within > 0 seconds")
+                raise ValueError(
+                    f"Supervisor(crash_loop={crash_loop!r}): at least 1 exit within > 0 seconds"
+                )
             crash_loop = (count, window)
         self.restart = restart
         self.backoff = (first, most)

@@ -6,6 +6,7 @@ coroutine) there leaves the request to finish in the supervising thread,
 and every member stays reachable through the supervisor.  Requests run one
 at a time, in order; ``stop`` goes first and ends the others.
 """
+
 from __future__ import annotations
 
 from typing import Any, List, Optional

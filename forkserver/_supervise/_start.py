@@ -4,6 +4,7 @@
 ``reload()`` and returns an object whose ``start()`` makes one new member
 and returns its ``Child``.
 """
+
 from __future__ import annotations
 
 import errno
@@ -48,7 +49,9 @@ class ProgramStart:
 
     kind = "program"
 
-    def __init__(self, argv: Sequence[Any], spawn_kwargs: Mapping[str, Any], watch: Optional[str]) -> None:
+    def __init__(
+        self, argv: Sequence[Any], spawn_kwargs: Mapping[str, Any], watch: Optional[str]
+    ) -> None:
         self.argv = list(argv)
         self.kwargs: Dict[str, Any] = dict(spawn_kwargs)
         _check_program(self.argv[0], self.kwargs.get("env"), self.kwargs.get("cwd"))
@@ -102,7 +105,9 @@ def start_spec(
     """A ``WorkerStart`` for ``(template, target)``, a ``ProgramStart`` for an argv list."""
     if isinstance(start, tuple) and len(start) == 2 and isinstance(start[0], Template):
         if spawn_kwargs:
-            raise TypeError(f"{what}(): spawn_kwargs apply to programs (an argv), not to template workers")
+            raise TypeError(
+                f"{what}(): spawn_kwargs apply to programs (an argv), not to template workers"
+            )
         if progress is not None:
             raise TypeError(
                 f"{what}(): progress= parses a program's output lines; a worker calls "
@@ -110,7 +115,9 @@ def start_spec(
             )
         return WorkerStart(start[0], start[1])
     if isinstance(start, Template):
-        raise TypeError(f"{what}({start!r}): say what the members run: (template, 'module:function')")
+        raise TypeError(
+            f"{what}({start!r}): say what the members run: (template, 'module:function')"
+        )
     if isinstance(start, (str, bytes, os.PathLike)):
         raise TypeError(
             f"{what}({start!r}): a program is a list, e.g. {str(start).split()!r} "

@@ -3,6 +3,7 @@
 ``dataclasses.asdict(status)`` (or ``status.to_dict()``) gives dicts, lists,
 strings, numbers and None only, so ``json.dumps`` takes it as it is.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,8 +44,12 @@ class MemberStatus:
     uptime: Optional[float]  #: seconds the current process has been running
     idle: Optional[float]  #: seconds since its last heartbeat / accepted progress line
     cpu: Optional[float]  #: CPU share in the last sample (1.0 = one whole CPU)
-    memory: Optional[int]  #: private memory (USS) in bytes, last sample: what ``Limits(memory=)`` counts
-    memory_max: Optional[int]  #: highest ``memory`` sampled (of the last process, between processes)
+    memory: Optional[
+        int
+    ]  #: private memory (USS) in bytes, last sample: what ``Limits(memory=)`` counts
+    memory_max: Optional[
+        int
+    ]  #: highest ``memory`` sampled (of the last process, between processes)
     rss: Optional[int]  #: resident memory (RSS, shared pages included) in bytes, last sample
     throttled: bool  #: CPU-throttled (SIGSTOP/SIGCONT duty cycle) right now
     gave_up: bool  #: no more restarts: crash loop, or the policy says no

@@ -4,6 +4,7 @@ The public face of this room: it checks the arguments, owns one ``Engine``
 (``_engine.py``: the supervising thread) and turns its methods into queued
 requests and waits -- blocking ones for threads, awaitable ones for asyncio.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -12,7 +13,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence, Set
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Set
 
 from .._errors import BrokenSupervisorError, ClosedError, MemberFailedError
 from .._template import Template
@@ -102,23 +103,39 @@ class Supervisor:
     ) -> None:
         _check_size(size, "Supervisor(size=...)")
         policy = Policy(restart, backoff, jitter, crash_loop, *([_rng] if _rng else []))  # type: ignore[arg-type]
-        if stale_timeout is not None and not (isinstance(stale_timeout, (int, float)) and stale_timeout > 0):
+        if stale_timeout is not None and not (
+            isinstance(stale_timeout, (int, float)) and stale_timeout > 0
+        ):
             raise ValueError(f"Supervisor(stale_timeout={stale_timeout!r}): seconds > 0, or None")
         if limits is not None and not isinstance(limits, Limits):
-            raise TypeError(f"Supervisor(limits={limits!r}): a forkserver.Limits(cpu=..., memory=...)")
+            raise TypeError(
+                f"Supervisor(limits={limits!r}): a forkserver.Limits(cpu=..., memory=...)"
+            )
         signals = tuple(_signal_number(s) for s in stop_signals)
         self._grace = _check_grace(grace)
         callbacks = {"on_start": on_start, "on_exit": on_exit, "on_state_change": on_state_change}
         for name, func in list(callbacks.items()) + [("progress", progress)]:
             if func is not None and not callable(func):
                 raise TypeError(f"Supervisor({name}={func!r}): a callable, or None")
-        self._watch = dict(progress=progress, stale_timeout=stale_timeout, output=output)
+        self._watch: Dict[str, Any] = dict(
+            progress=progress, stale_timeout=stale_timeout, output=output
+        )
         spec = start_spec(start, spawn_kwargs=spawn_kwargs, **self._watch)
         self._spawn_kwargs = spawn_kwargs
         self._signals = signals
         self._owner = os.getpid()
-        self._engine = Engine(spec, size, policy, limits, stale_timeout, signals, self._grace,
-                              progress, callbacks, _clock)
+        self._engine = Engine(
+            spec,
+            size,
+            policy,
+            limits,
+            stale_timeout,
+            signals,
+            self._grace,
+            progress,
+            callbacks,
+            _clock,
+        )
         attach = getattr(_clock, "attach", None)
         if attach is not None:
             attach(self._engine.wake)  # a fake clock wakes the loop when moved
@@ -141,8 +158,14 @@ class Supervisor:
         """A snapshot of every member (see ``SupervisorStatus``; ``.to_dict()`` for JSON)."""
         return self._engine.snapshot()
 
-    def wait_state(self, state: str, *, slot: Optional[int] = None, count: Optional[int] = None,
-                   timeout: Optional[float] = None) -> SupervisorStatus:
+    def wait_state(
+        self,
+        state: str,
+        *,
+        slot: Optional[int] = None,
+        count: Optional[int] = None,
+        timeout: Optional[float] = None,
+    ) -> SupervisorStatus:
         """Wait until ``slot`` is in ``state`` or, without ``slot``, until ``count`` slots
         are (default: all of them); returns the status then.
 
@@ -223,12 +246,20 @@ class Supervisor:
 
     # -- asyncio -------------------------------------------------------------------------------
 
-    async def await_state(self, state: str, *, slot: Optional[int] = None, count: Optional[int] = None,
-                          timeout: Optional[float] = None) -> SupervisorStatus:
+    async def await_state(
+        self,
+        state: str,
+        *,
+        slot: Optional[int] = None,
+        count: Optional[int] = None,
+        timeout: Optional[float] = None,
+    ) -> SupervisorStatus:
         """``wait_state`` as a coroutine."""
         return await self.await_until(self._state_predicate(state, slot, count), timeout)
 
-    async def await_until(self, predicate: Predicate, timeout: Optional[float] = None) -> SupervisorStatus:
+    async def await_until(
+        self, predicate: Predicate, timeout: Optional[float] = None
+    ) -> SupervisorStatus:
         """``wait_until`` as a coroutine: the supervising thread wakes the loop at each change."""
         loop = asyncio.get_running_loop()
         event = asyncio.Event()
@@ -290,7 +321,9 @@ class Supervisor:
             while not req.done:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    raise TimeoutError(f"{req.kind}() not done after {timeout:g} s; it goes on in the background")
+                    raise TimeoutError(
+                        f"{req.kind}() not done after {timeout:g} s; it goes on in the background"
+                    )
                 engine.cond.wait(left)
         if req.error is not None:
             raise req.error
@@ -306,7 +339,9 @@ class Supervisor:
 
     def _check_owner(self, what: str) -> None:
         if self._owner != os.getpid():
-            raise ClosedError(f"{what}: this Supervisor belongs to process {self._owner}, not to this fork")
+            raise ClosedError(
+                f"{what}: this Supervisor belongs to process {self._owner}, not to this fork"
+            )
 
     def _state_predicate(self, state: str, slot: Optional[int], count: Optional[int]) -> Predicate:
         if state not in STATES:
@@ -318,7 +353,9 @@ class Supervisor:
             members = status.members
             if slot is not None:
                 if slot >= len(members):
-                    raise IndexError(f"wait_state(slot={slot}): the supervisor has {len(members)} slots")
+                    raise IndexError(
+                        f"wait_state(slot={slot}): the supervisor has {len(members)} slots"
+                    )
                 chosen = [members[slot]]
                 need = 1
             else:
@@ -370,7 +407,10 @@ def _signal_number(sig: Any) -> int:
     except (TypeError, ValueError):
         raise ValueError(f"Supervisor(stop_signals=...): {sig!r} is not a signal") from None
     if number == signal.SIGKILL:
-        raise ValueError("Supervisor(stop_signals=...): SIGKILL always comes last by itself; list the polite ones")
+        raise ValueError(
+            "Supervisor(stop_signals=...): SIGKILL always comes last by itself; "
+            "list the polite ones"
+        )
     return number
 
 

@@ -1,4 +1,5 @@
 """A stand-in for an ffmpeg-like program: progress lines ending in \\r on stderr, forever."""
+
 import sys
 import time
 

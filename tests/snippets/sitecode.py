@@ -1,4 +1,5 @@
-"""A stand-in for docs/supervise.md and README.md: a pre-forked worker answering one line a connection."""
+"""A stand-in for docs/supervise.md and README.md: a pre-forked worker, a line a connection."""
+
 import os
 import select
 
