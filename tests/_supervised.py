@@ -34,6 +34,14 @@ def ignore_sigterm(control: socket.socket, *args: object) -> None:
     control.recv(1)
 
 
+def deaf(control: socket.socket, *args: object) -> None:
+    """Deaf to SIGTERM and to EOF on its control socket (a heartbeat says so): SIGKILL only."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    worker.heartbeat()
+    while True:
+        signal.pause()
+
+
 def beat(control: socket.socket, *args: object) -> None:
     """Send a heartbeat every 60 ms, forever."""
     while True:

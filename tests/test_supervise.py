@@ -59,11 +59,6 @@ def sv(sups, *args, **kwargs) -> Supervisor:
     return sup
 
 
-def heard_from(m) -> bool:
-    """The member sent a heartbeat after it started."""
-    return m.idle is not None and m.uptime is not None and m.idle < m.uptime
-
-
 # -- states and status -----------------------------------------------------------------------------
 
 
@@ -549,7 +544,7 @@ def test_reload_gives_a_failed_slot_another_chance(tpl, sups):
 
 def test_stop_escalates_to_sigkill_after_the_grace(tpl, sups):
     sup = sv(sups, (tpl, f"{S}:ignore_sigterm"), size=2, grace=0.2)
-    sup.wait_until(lambda s: all(heard_from(m) for m in s.members), timeout=T)
+    sup.wait_until(lambda s: all(m.up for m in s.members), timeout=T)
     st = sup.stop()
     assert st.state == "stopped"
     for m in st.members:
@@ -616,20 +611,74 @@ def test_asyncio_waits_and_requests_do_not_block_the_loop(tpl, sups):
                 ticks += 1
 
         task = asyncio.ensure_future(ticker())
-        await sup.await_until(lambda s: heard_from(s.members[0]), timeout=T)
+        await sup.await_until(lambda s: s.members[0].up, timeout=T)
         st = await sup.aresize(2)
         assert st.count("running") == 2
         await sup.await_state("running", count=2, timeout=T)
         with pytest.raises(TimeoutError):
             await sup.await_state("failed", timeout=0.05)
         before = ticks
+        st = await sup.areload(tpl)  # the old members ignore SIGTERM: each is SIGKILLed
+        assert st.generation == 1 and [m.generation for m in st.members] == [1, 1]
+        reload_ticks = ticks - before
+        await sup.await_until(lambda s: all(m.up for m in s.members), timeout=T)
+        before = ticks
         st = await sup.astop()  # member 0 ignores SIGTERM: 0.5 s of grace, then SIGKILL
         task.cancel()
-        return st, ticks - before
+        return st, reload_ticks, ticks - before
 
-    st, ticked = asyncio.run(main())
-    assert st.state == "stopped" and st.members[0].state == "killed"
-    assert ticked >= 5  # the loop ran while the stop waited
+    st, reload_ticks, stop_ticks = asyncio.run(main())
+    assert st.state == "stopped" and [m.state for m in st.members] == ["killed", "killed"]
+    assert reload_ticks >= 5 and stop_ticks >= 5  # the loop ran while they waited
+
+
+def test_many_threads_may_call_one_supervisor_at_once(tpl, sups):
+    sup = sv(sups, (tpl, f"{S}:wait_for_eof"), size=1)
+    errors = []
+
+    def hammer(k):
+        try:
+            for i in range(5):
+                sup.resize(1 + (k + i) % 3, timeout=T)
+                assert sup.status().state == "running"
+                sup.wait_state("running", slot=0, timeout=T)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hammer, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(T)
+    assert not errors
+    st = sup.resize(2)
+    assert st.count("running") == 2 and len(st.members) == 2
+
+
+def test_a_member_that_outlives_sigkill_is_left_to_the_reaper(tpl, sups, monkeypatch):
+    from forkserver._reaper import reaper
+    from forkserver._supervise._member import KILL_WAIT, Proc
+
+    real_signal = Proc.signal
+    monkeypatch.setattr(
+        Proc, "signal", lambda self, sig: sig != signal.SIGKILL and real_signal(self, sig)
+    )
+    clock = FakeClock()  # SIGKILL never arrives: as for a process stuck in the kernel
+    sup = sv(sups, (tpl, f"{S}:deaf"), grace=1, _clock=clock)
+    pid = sup.wait_until(lambda s: s.members[0].up, timeout=T).members[0].pid
+    done = []
+    stopper = threading.Thread(target=lambda: done.append(sup.stop()))
+    stopper.start()
+    sup.wait_state("finishing", timeout=T)
+    clock.advance(1)  # the grace: "SIGKILL"
+    settle(sup)
+    assert not done
+    clock.advance(KILL_WAIT)
+    stopper.join(T)
+    m = done[0].members[0]
+    assert m.state == "killed" and m.reason.endswith("still not gone 5 s after SIGKILL")
+    assert psutil.pid_exists(pid) and reaper.pending() >= 1  # handed over, not forgotten
+    os.kill(pid, signal.SIGKILL)  # no_leaks waits for the reaper to reap it
 
 
 def test_a_cancelled_await_leaves_the_supervisor_consistent(tpl, sups):

@@ -42,9 +42,7 @@ def idle(sup) -> None:
         assert engine.cond.wait_for(lambda: engine.active is None and not engine.requests, T)
     # Every member has sent its heartbeat: it runs our code, under its own title.
     sup.wait_until(
-        lambda s: (
-            not s.retiring and all(m.state == "running" and m.idle < m.uptime for m in s.members)
-        ),
+        lambda s: not s.retiring and all(m.state == "running" and m.up for m in s.members),
         timeout=T,
     )
 

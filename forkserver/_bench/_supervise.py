@@ -113,13 +113,9 @@ class Ours:
 
     def once(self) -> float:
         ms = restart_ms(self.port)
-        # Untimed: the replacement has come up, so the next kill restarts at once.
-        self.sup.wait_until(
-            lambda s: (
-                s.members[0].idle is not None and s.members[0].idle < (s.members[0].uptime or 0)
-            ),
-            timeout=B.TIMEOUT,
-        )
+        # Untimed: until the supervisor has read the replacement's heartbeat
+        # (it came up), so the next kill restarts at once.
+        self.sup.wait_until(lambda s: s.members[0].up, timeout=B.TIMEOUT)
         return ms
 
     def close(self) -> None:

@@ -255,6 +255,7 @@ def proc_fields(proc: Optional[Proc], now: float) -> Dict[str, Any]:
     """The MemberStatus fields that describe the running process."""
     if proc is None:
         return dict(
+            up=False,
             uptime=None,
             idle=None,
             cpu=None,
@@ -265,6 +266,7 @@ def proc_fields(proc: Optional[Proc], now: float) -> Dict[str, Any]:
         )
     s = proc.sampler
     return dict(
+        up=proc.came_up,
         uptime=max(0.0, now - proc.started_at),
         idle=max(0.0, now - proc.last_progress) if proc.watched else None,
         cpu=s.cpu,

@@ -43,6 +43,7 @@ class MemberStatus:
     next_start_in: Optional[float]  #: seconds until a scheduled restart (None: none scheduled)
     uptime: Optional[float]  #: seconds the current process has been running
     idle: Optional[float]  #: seconds since its last heartbeat / accepted progress line
+    up: bool  #: the process has come up: sent a heartbeat or an accepted progress line
     cpu: Optional[float]  #: CPU share in the last sample (1.0 = one whole CPU)
     memory: Optional[
         int
