@@ -681,6 +681,16 @@ def test_a_member_that_outlives_sigkill_is_left_to_the_reaper(tpl, sups, monkeyp
     os.kill(pid, signal.SIGKILL)  # no_leaks waits for the reaper to reap it
 
 
+def test_a_member_reaped_by_someone_elses_waitpid_is_replaced_and_its_pidfd_closed(tpl, sups):
+    sup = sv(sups, (tpl, f"{S}:wait_for_eof"))
+    pid = sup.wait_state("running", timeout=T).members[0].pid
+    with sup._engine.cond:  # the supervising thread cannot handle the exit meanwhile
+        os.kill(pid, signal.SIGKILL)
+        assert os.waitpid(pid, 0)[0] == pid  # the application's own waitpid wins the race
+    st = sup.wait_until(lambda s: s.members[0].pid not in (None, pid), timeout=T)
+    assert st.members[0].counts["failed"] == 1 and "reaped by someone else" in st.members[0].reason
+
+
 def test_a_cancelled_await_leaves_the_supervisor_consistent(tpl, sups):
     sup = sv(sups, (tpl, f"{S}:wait_for_eof"), size=1)
 

@@ -320,8 +320,9 @@ class Lifecycle:
     def _exited(self, proc: Proc, now: float) -> None:
         try:
             code = proc.child.poll()
-        except ReapedElsewhere:
+        except ReapedElsewhere:  # a waitpid(-1) of the application's got there first
             code = None
+            proc.forget_pidfd()
         else:
             if code is None:
                 return  # not yet (a pidfd is readable only at exit: should not happen)

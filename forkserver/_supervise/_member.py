@@ -95,6 +95,14 @@ class Proc:
     def pidfd(self) -> Optional[int]:
         return self.child._pidfd  # open until the Child reaps the process
 
+    def forget_pidfd(self) -> None:
+        """Close the pidfd of a process someone else reaped (its Child cannot know)."""
+        child = self.child
+        with child._lock:
+            pidfd, child._pidfd = child._pidfd, None
+        if pidfd is not None:
+            os.close(pidfd)
+
     def signal(self, sig: int) -> None:
         try:
             self.child.send_signal(sig)
