@@ -32,29 +32,29 @@ def tpl():
 
 
 def test_a_member_allocating_300_mib_with_a_100_mib_limit_is_stopped(tpl):
-    big = tpl.fork().send_arg(300)
-    with Supervisor(
-        (big, f"{S}:allocate"), limits=Limits(memory=100 * MIB), restart="never"
-    ) as sup:
+    with (
+        tpl.fork().send_arg(300) as big,
+        Supervisor((big, f"{S}:allocate"), limits=Limits(memory=100 * MIB), restart="never") as sup,
+    ):
         st = sup.wait_state("killed", timeout=T)
         m = st.members[0]
         assert m.reason.startswith("memory ") and "over the limit of 100 MiB" in m.reason
         assert m.memory_max is not None and m.memory_max > 100 * MIB
         assert m.gave_up and m.counts["killed"] == 1
-    big.close()
 
 
 def test_a_member_under_its_memory_limit_is_left_alone(tpl):
     clock = FakeClock()
-    small = tpl.fork().send_arg(10)
-    with Supervisor((small, f"{S}:allocate"), limits=Limits(memory=200 * MIB), _clock=clock) as sup:
+    with (
+        tpl.fork().send_arg(10) as small,
+        Supervisor((small, f"{S}:allocate"), limits=Limits(memory=200 * MIB), _clock=clock) as sup,
+    ):
         pid = sup.wait_state("running", timeout=T).members[0].pid
         for _ in range(3):
             clock.advance(1.0)
             settle(sup)
         m = sup.status().members[0]
         assert m.pid == pid and m.state == "running" and m.memory is not None
-    small.close()
 
 
 def test_a_limit_acts_only_after_its_duration(tpl):
@@ -62,12 +62,15 @@ def test_a_limit_acts_only_after_its_duration(tpl):
     r, w = os.pipe()
     with os.fdopen(w, "wb") as told:
         heavy = tpl.fork().send_arg(150).send_fh(told)
-    with Supervisor(
-        (heavy, f"{S}:allocate_then_tell"),
-        limits=Limits(memory=100 * MIB, duration=5),
-        restart="never",
-        _clock=clock,
-    ) as sup:
+    with (
+        heavy,
+        Supervisor(
+            (heavy, f"{S}:allocate_then_tell"),
+            limits=Limits(memory=100 * MIB, duration=5),
+            restart="never",
+            _clock=clock,
+        ) as sup,
+    ):
         sup.wait_state("running", timeout=T)
         assert select.select([r], [], [], T)[0] and os.read(r, 1) == b"!"  # it holds 150 MiB now
         for _ in range(5):
@@ -77,7 +80,6 @@ def test_a_limit_acts_only_after_its_duration(tpl):
         clock.advance(1.0)
         st = sup.wait_state("killed", timeout=T)
         assert st.members[0].reason.endswith("for 5.0 s")
-    heavy.close()
     os.close(r)
 
 
@@ -85,9 +87,12 @@ def test_memory_counts_private_pages_not_those_shared_with_the_template(tpl):
     clock = FakeClock()
     heavy = tpl.fork()
     heavy.eval("ballast = b'x' * (150 << 20)")  # in every member's RSS, in none's USS
-    with Supervisor(
-        (heavy, f"{S}:wait_for_eof"), limits=Limits(memory=100 * MIB), _clock=clock
-    ) as sup:
+    with (
+        heavy,
+        Supervisor(
+            (heavy, f"{S}:wait_for_eof"), limits=Limits(memory=100 * MIB), _clock=clock
+        ) as sup,
+    ):
         pid = sup.wait_state("running", timeout=T).members[0].pid
         for _ in range(2):
             clock.advance(1.0)
@@ -95,7 +100,6 @@ def test_memory_counts_private_pages_not_those_shared_with_the_template(tpl):
         m = sup.status().members[0]
         assert m.pid == pid and m.state == "running"
         assert m.rss > 150 * MIB > 100 * MIB > m.memory
-    heavy.close()
 
 
 def test_throttling_holds_a_busy_loop_below_its_cpu_limit(tpl):
