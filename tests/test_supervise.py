@@ -704,6 +704,30 @@ def test_a_member_reaped_by_someone_elses_waitpid_is_replaced_and_its_pidfd_clos
     assert st.members[0].counts["failed"] == 1 and "reaped by someone else" in st.members[0].reason
 
 
+def test_a_failure_of_the_supervising_thread_kills_its_members_and_says_so(tpl, sups, caplog):
+    from forkserver import BrokenSupervisorError
+    from forkserver._supervise._engine import Engine
+
+    sup = sv(sups, (tpl, f"{S}:wait_for_eof"), size=2)
+    pids = sup.wait_state("running", timeout=T).pids
+
+    def broken(self, now):
+        raise ZeroDivisionError("a bug")
+
+    sup._engine._timers = broken.__get__(sup._engine, Engine)
+    sup._engine.wake()
+    with pytest.raises(BrokenSupervisorError, match="ZeroDivisionError: a bug"):
+        sup.wait_state("failed", timeout=T)
+    st = sup.status()
+    assert st.state == "broken" and st.pids == () and "a bug" in st.error
+    with pytest.raises(BrokenSupervisorError):
+        sup.resize(3)
+    assert sup.stop().state == "broken"
+    for pid in pids:  # SIGKILLed, and reaped by the reaper thread (no_leaks waits for it)
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert "the supervising thread failed" in caplog.text
+
+
 def test_a_cancelled_await_leaves_the_supervisor_consistent(tpl, sups):
     sup = sv(sups, (tpl, f"{S}:wait_for_eof"), size=1)
 

@@ -71,9 +71,8 @@ class Engine(Lifecycle):
         self.turns = 0
         self._dirty = True
         self._calls: List[Tuple[Callable[..., Any], tuple]] = []
-        self._async: Set[Tuple[Any, Any]] = (
-            set()
-        )  # (event loop, asyncio.Event) of awaiting coroutines
+        # (event loop, asyncio.Event) of each awaiting coroutine
+        self._async: Set[Tuple[Any, Any]] = set()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.thread = threading.Thread(target=self._run, name="forkserver-supervisor", daemon=True)
 
@@ -104,10 +103,15 @@ class Engine(Lifecycle):
         return req
 
     def wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
-            pass  # already woken, or the thread has ended (the pipe is closed)
+        # With the lock: the thread closes the pipe under it when it ends,
+        # and a number read without it could be another file's by then.
+        with self.cond:
+            if self._wake_w < 0:
+                return  # the thread has ended
+            try:
+                os.write(self._wake_w, b"x")
+            except BlockingIOError:
+                pass  # woken already
 
     def snapshot(self) -> SupervisorStatus:
         with self.cond:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import os
+import random
 import signal
 import threading
 import time
@@ -47,12 +48,13 @@ class Supervisor:
       ``forkserver.spawn(argv, **spawn_kwargs)``.
 
     Restarts: ``restart`` is ``"always"``, ``"on-failure"`` (not after a
-    clean exit 0) or ``"never"``.  The first restart after a member that ran
-    well is immediate; each further one in a row waits twice as long, from
-    ``backoff[0]`` up to ``backoff[1]`` seconds, times a random ``1 +-
-    jitter``.  ``crash_loop=(N, T)``: the N-th exit of a slot within T
-    seconds ends its restarts and marks it ``failed``, with the reason
-    (``None``: no limit; a member up for T seconds resets the backoff).
+    clean exit 0) or ``"never"``.  A member that *came up* -- sent a
+    heartbeat or a progress line its parser accepted, or stayed up for the
+    crash-loop window -- is restarted at once; members that end before
+    coming up wait 0, then ``backoff[0]`` seconds, doubling up to
+    ``backoff[1]``, each times a random ``1 +- jitter``.
+    ``crash_loop=(N, T)``: the N-th exit of a slot within T seconds ends its
+    restarts and marks it ``failed``, with the reason (``None``: no limit).
 
     Health: with ``stale_timeout``, a worker that sends no byte on its
     control socket (``forkserver.worker.heartbeat()``) for that many seconds,
@@ -102,7 +104,7 @@ class Supervisor:
         _rng: Optional[Callable[[], float]] = None,
     ) -> None:
         _check_size(size, "Supervisor(size=...)")
-        policy = Policy(restart, backoff, jitter, crash_loop, *([_rng] if _rng else []))  # type: ignore[arg-type]
+        policy = Policy(restart, backoff, jitter, crash_loop, rng=_rng or random.random)  # type: ignore[arg-type]
         if stale_timeout is not None and not (
             isinstance(stale_timeout, (int, float)) and stale_timeout > 0
         ):
@@ -183,6 +185,11 @@ class Supervisor:
         ``timeout`` seconds.
         """
         engine = self._engine
+        if threading.current_thread() is engine.thread:
+            raise RuntimeError(
+                "wait_until()/wait_state() in a supervisor callback would wait for the thread "
+                "that runs it; look at status() instead"
+            )
         deadline = None if timeout is None else time.monotonic() + timeout
         with engine.cond:
             while True:
