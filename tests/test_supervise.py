@@ -479,7 +479,9 @@ def test_reload_replaces_each_member_only_once_its_successor_runs(tpl, sups):
     def record(kind):
         def callback(m, *rest):
             st = holder["sup"].status()  # consistent: callbacks run between the loop's turns
-            log.append((kind, m.slot, m.pid, m.generation, st.count("running")))
+            log.append(
+                (kind, m.slot, m.pid, m.generation, st.count("running"), m.state, m.exit_code)
+            )
 
         return callback
 
@@ -504,6 +506,9 @@ def test_reload_replaces_each_member_only_once_its_successor_runs(tpl, sups):
     for slot in range(3):  # the successor started before its predecessor ended
         order = [e[0] for e in log if e[1] == slot]
         assert order == ["start", "exit"], order
+    exits = [e for e in log if e[0] == "exit"]
+    assert {e[2] for e in exits} == set(old)  # the old members, each ended as asked
+    assert all(e[3] == 0 and e[5] == "finished" and e[6] == -signal.SIGTERM for e in exits)
     sup.stop()
     new_tpl.close()
 

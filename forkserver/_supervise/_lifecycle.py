@@ -141,9 +141,8 @@ class Lifecycle:
             return False
         assert self._stop_request is not None
         if any(s.starting for s in self.slots) or all_procs(self.slots, self.retiring):
-            self._stop_all(
-                self.clock.monotonic(), self._stop_request.grace
-            )  # a start finished meanwhile
+            # A member whose start finished meanwhile gets its ladder too.
+            self._stop_all(self.clock.monotonic(), self._stop_request.grace)
             return False
         return True
 
@@ -335,7 +334,10 @@ class Lifecycle:
         state, reason = classify(code, proc.ladder)
         if proc in self.retiring:
             self.retiring.remove(proc)
-            self._emit("on_exit", retiring_status(proc, now, self.clock.time()))
+            gone = retiring_status(proc, now, self.clock.time())
+            self._emit(
+                "on_exit", dataclasses.replace(gone, state=state, exit_code=code, reason=reason)
+            )
             return
         slot = self._slot_of(proc)
         if slot is None:  # pragma: no cover - every process is in a slot or retiring
@@ -401,17 +403,21 @@ class Lifecycle:
         proc.close()
         ladder = proc.ladder
         assert ladder is not None
+        asked = ladder.final == FINISHED  # a stop that was asked for, not a stale/limit kill
         ladder.final = KILLED
         ladder.reason = f"{ladder.reason}; still not gone {KILL_WAIT:g} s after SIGKILL"
         if proc in self.retiring:
             self.retiring.remove(proc)
             return
         slot = self._slot_of(proc)
-        if slot is not None:
-            slot.proc, slot.exit_code, slot.reason = None, None, ladder.reason
-            self._set_state(slot, KILLED, now)
-            if slot.removing:
-                self._drop_removed()
+        if slot is None:  # pragma: no cover - every process is in a slot or retiring
+            return
+        slot.proc, slot.exit_code, slot.reason = None, None, ladder.reason
+        self._set_state(slot, KILLED, now)
+        if slot.removing:
+            self._drop_removed()
+        elif self.phase == "running" and not asked:
+            self._after_end(slot, KILLED, now - proc.started_at, now, proc.came_up)
 
 
 def _readable(fd: int) -> bool:
