@@ -9,3 +9,5 @@ from __future__ import annotations
 from ._supervise._member_worker import heartbeat
 
 __all__ = ["heartbeat"]
+
+heartbeat.__module__ = __name__  # documented (and shown) as forkserver.worker.heartbeat
