@@ -728,8 +728,10 @@ def test_a_failure_of_the_supervising_thread_kills_its_members_and_says_so(tpl, 
     with pytest.raises(BrokenSupervisorError):
         sup.resize(3)
     assert sup.stop().state == "broken"
-    for pid in pids:  # SIGKILLed, and reaped by the reaper thread (no_leaks waits for it)
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    from forkserver._reaper import reaper
+
+    assert reaper.wait_idle(T)  # SIGKILLed and handed to the reaper thread, which reaped them
+    assert not any(psutil.pid_exists(pid) for pid in pids)
     assert "the supervising thread failed" in caplog.text
 
 
