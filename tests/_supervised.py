@@ -34,6 +34,12 @@ def ignore_sigterm(control: socket.socket, *args: object) -> None:
     control.recv(1)
 
 
+def pause_forever(control: socket.socket, *args: object) -> None:
+    """Idle until a signal ends us; EOF on the control socket does not."""
+    while True:
+        signal.pause()
+
+
 def deaf(control: socket.socket, *args: object) -> None:
     """Deaf to SIGTERM and to EOF on its control socket (a heartbeat says so): SIGKILL only."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

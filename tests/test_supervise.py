@@ -584,6 +584,26 @@ def test_with_block_stops_the_members(tpl):
     assert not any(psutil.pid_exists(p) for p in pids)
 
 
+def test_a_supervisor_left_running_is_stopped_at_interpreter_exit(tmp_path):
+    import subprocess
+
+    script = (
+        "import forkserver\n"
+        f"t = forkserver.Template().require({S!r})\n"
+        f"sup = forkserver.Supervisor((t, '{S}:pause_forever'), size=3)\n"
+        "print(*sup.wait_state('running', timeout=30).pids, flush=True)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=T, cwd=root
+    )
+    assert done.returncode == 0, done.stderr
+    pids = [int(p) for p in done.stdout.split()]
+    assert len(pids) == 3
+    # Deaf to the EOF of their control sockets: gone only because they were stopped.
+    assert not any(psutil.pid_exists(p) for p in pids)
+
+
 def test_two_hundred_restarts_leave_no_zombie_and_no_fd(tpl, fork, sups):
     quick = fork(0)
     sup = sv(sups, (quick, f"{S}:exit_now"), size=2, backoff=(0, 0), crash_loop=None)
