@@ -8,13 +8,16 @@ from typing import TYPE_CHECKING, Any
 
 from ._errors import (
     BrokenChannelError,
+    BrokenSupervisorError,
     BrokenTemplateError,
     ClosedError,
     FdTableFullError,
     ForkserverError,
+    MemberFailedError,
     PidfdUnavailableError,
     ProtocolError,
     ReapedElsewhereError,
+    ReloadError,
     RemoteError,
     RemoteTraceback,
     ThreadedTemplateError,
@@ -26,6 +29,9 @@ if TYPE_CHECKING:
     from ._programs._run import run_program
     from ._programs._spawn import spawn
     from ._programs._stream import Stream, stream
+    from ._supervise._limits import Limits
+    from ._supervise._status import MemberStatus, SupervisorStatus
+    from ._supervise._supervisor import Supervisor
     from ._template import Template, early
 
 __version__ = "0.1.0.dev0"
@@ -38,7 +44,11 @@ __version__ = "0.1.0.dev0"
 _LAZY = {
     "CalledProcessError": "._errors",
     "Child": "._process",
+    "Limits": "._supervise._limits",
+    "MemberStatus": "._supervise._status",
     "Stream": "._programs._stream",
+    "Supervisor": "._supervise._supervisor",
+    "SupervisorStatus": "._supervise._status",
     "Template": "._template",
     "early": "._template",
     "run_program": "._programs._run",
@@ -64,18 +74,25 @@ def __dir__() -> "list[str]":
 
 __all__ = [
     "BrokenChannelError",
+    "BrokenSupervisorError",
     "BrokenTemplateError",
     "CalledProcessError",
     "Child",
     "ClosedError",
     "FdTableFullError",
     "ForkserverError",
+    "Limits",
+    "MemberFailedError",
+    "MemberStatus",
     "PidfdUnavailableError",
     "ProtocolError",
     "ReapedElsewhereError",
+    "ReloadError",
     "RemoteError",
     "RemoteTraceback",
     "Stream",
+    "Supervisor",
+    "SupervisorStatus",
     "Template",
     "ThreadedTemplateError",
     "__version__",

@@ -22,6 +22,9 @@ __all__ = [
     "PidfdUnavailableError",
     "ReapedElsewhereError",
     "CalledProcessError",
+    "ReloadError",
+    "MemberFailedError",
+    "BrokenSupervisorError",
 ]
 
 
@@ -95,6 +98,31 @@ class ReapedElsewhereError(ForkserverError):
     and its status with it.  They raise this rather than make a status up
     (``subprocess`` reports 0 there).  Leave forkserver's children to it, or
     restore the default with ``signal.signal(signal.SIGCHLD, signal.SIG_DFL)``.
+    """
+
+
+class ReloadError(ForkserverError):
+    """A ``Supervisor.reload()`` stopped: a member of the new start could not be started.
+
+    The members already replaced were rolled back to the old start, so the
+    supervisor runs what it ran before; ``__cause__`` is the start's error
+    (an ``ImportError`` from the new code, say).
+    """
+
+
+class MemberFailedError(ForkserverError):
+    """A supervised slot gave up (crash loop, or a restart policy that says no more).
+
+    Raised by a wait that cannot be satisfied any more; the message names
+    the slot and its reason.  ``Supervisor.reload()`` or ``resize()`` start
+    failed slots again.
+    """
+
+
+class BrokenSupervisorError(ForkserverError):
+    """A supervisor's thread failed unexpectedly; its members were killed and reaped.
+
+    ``__cause__`` is the error.  Make a new ``Supervisor``.
     """
 
 

@@ -4,6 +4,7 @@ These tests never assert speed: the numbers depend on the machine.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -24,10 +25,14 @@ EXPECTED = {
     "first_reply": {"forkserver Template()", "a fork() of a ready template", "Template.new_exec()"},
     "zygote": {"forkserver run", "forkserver launcher (-IS)", "python script.py",
                "python -IS -c pass"},
+    "supervise": {"forkserver.Supervisor", "gunicorn arbiter (sync)"},
 }
 
 
 def _check_row(scenario: str, row: dict) -> None:
+    if row["median"] is None and (scenario, row["contender"]) == ("supervise", "gunicorn arbiter (sync)"):
+        assert importlib.util.find_spec("gunicorn") is None and "not installed" in row["note"]
+        return  # gunicorn is optional: pip install 'forkserver[bench]'
     assert row["n"] == len(row["samples"]) > 0, row
     assert all(s > 0 for s in row["samples"]), row["contender"]
     assert row["median"] > 0 and row["p90"] > 0 and row["ratio"] > 0
@@ -43,9 +48,12 @@ def test_bench_quick_writes_every_scenario_with_positive_numbers(tmp_path, capsy
         for row in scenario["contenders"]:
             _check_row(key, row)
     assert data["machine"]["cpus"] > 0 and data["machine"]["kernel"]
-    # start x2, back to back x2, big parent, exec, USS, start -> ran, first reply, zygote
-    assert len(data["goals"]) == 10 and all("met" in g for g in data["goals"])
-    assert all(g["value"] is not None for g in data["goals"]), data["goals"]
+    # start x2, back to back x2, big parent, exec, USS, start -> ran, first reply, zygote, restart
+    assert len(data["goals"]) == 11 and all("met" in g for g in data["goals"])
+    unmeasured = [g for g in data["goals"] if g["value"] is None]
+    if importlib.util.find_spec("gunicorn") is None:  # optional: its goal has no value then
+        unmeasured = [g for g in unmeasured if "gunicorn" not in g["goal"]]
+    assert not unmeasured, unmeasured
     out, err = capsys.readouterr()
     assert "vs forkserver" in out and "goals" in out
     assert f"bench [1/{1 + len(EXPECTED)}]" in err  # the progress lines

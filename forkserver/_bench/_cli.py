@@ -19,7 +19,8 @@ round-robin after a warm-up): worker start -> ran -> reaped with a preloaded
 module (forkserver / multiprocessing forkserver with preload / multiprocessing
 spawn / bare os.fork), start -> ran (the moment the worker's function begins),
 the same from a big parent, exec of /bin/true (forkserver / subprocess.run /
-posix_spawn), idle worker USS, a new template's first reply; then the project
+posix_spawn), idle worker USS, a new template's first reply, restart latency of a
+supervised worker (forkserver.Supervisor / gunicorn's arbiter); then the project
 goals, met or missed.  Takes {TYPICAL_RUN}.
 The exit status is 0 (it is a measurement) unless --check is given.
 """
@@ -68,7 +69,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        "default rounds/10, at least 3; 0 leaves it out)")
     bench.add_argument("--only", type=_scenarios, metavar="A,B",
                        help="run only these scenarios: start, start_ran, back_to_back, "
-                       "big_parent, exec, idle_uss, first_reply, zygote")
+                       "big_parent, exec, idle_uss, first_reply, zygote, supervise")
     bench.add_argument("--check", action="store_true",
                        help="exit with status 1 when a goal is missed (or a contender failed)")
     return bench

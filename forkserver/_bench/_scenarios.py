@@ -14,11 +14,12 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
-from . import _core as B, _latency, _zygote
+from . import _core as B, _latency, _supervise, _zygote
 from ._core import Scenario
 from ._workers import bare_fork, settle, start_and_reap, stop_default_template
 
-SCENARIOS = ("start", "start_ran", "back_to_back", "big_parent", "exec", "idle_uss", "first_reply", "zygote")
+SCENARIOS = ("start", "start_ran", "back_to_back", "big_parent", "exec", "idle_uss", "first_reply", "zygote",
+             "supervise")
 BLOCK = 10  # back_to_back: workers per sample, one right after the other
 TRUE = "/bin/true"
 
@@ -227,9 +228,10 @@ RUNNERS = {"start": start, "back_to_back": back_to_back, "big_parent": big_paren
 TITLES = {"start": "worker start -> ran -> reaped", "back_to_back": "workers back to back",
           "big_parent": "the same from a big parent",
           "exec": f"exec {TRUE}", "idle_uss": "idle worker USS"}
-RUNNERS.update(start_ran=_latency.start_ran, first_reply=_latency.first_reply, zygote=_zygote.zygote)
+RUNNERS.update(start_ran=_latency.start_ran, first_reply=_latency.first_reply, zygote=_zygote.zygote,
+               supervise=_supervise.supervise)
 TITLES.update(start_ran="worker start -> ran", first_reply="new template -> first reply",
-              zygote="script start via a zygote")
+              zygote="script start via a zygote", supervise="restart latency")
 
 
 def run(settings: Settings, progress: B.Progress) -> List[Scenario]:
