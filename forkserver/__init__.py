@@ -21,6 +21,7 @@ from ._errors import (
 
 if TYPE_CHECKING:
     from ._errors import CalledProcessError
+    from ._pool._mp import mp_context
     from ._process import Child
     from ._programs._run import run_program
     from ._programs._spawn import spawn
@@ -40,6 +41,7 @@ _LAZY = {
     "Stream": "._programs._stream",
     "Template": "._template",
     "early": "._template",
+    "mp_context": "._pool._mp",
     "run_program": "._programs._run",
     "spawn": "._programs._spawn",
     "stream": "._programs._stream",
@@ -78,6 +80,7 @@ __all__ = [
     "ThreadedTemplateError",
     "__version__",
     "early",
+    "mp_context",
     "run_program",
     "spawn",
     "stream",

@@ -61,7 +61,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        help="samples of multiprocessing spawn (~200 ms each with numpy; "
                        "default rounds/10, at least 3; 0 leaves it out)")
     bench.add_argument("--only", type=_scenarios, metavar="A,B",
-                       help="run only these scenarios: start, back_to_back, big_parent, exec, idle_uss")
+                       help="run only these scenarios: start, back_to_back, big_parent, exec, idle_uss, "
+                       "mp_start, mp_big_parent, mp_pool")
     return bench
 
 

@@ -14,10 +14,10 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
-from . import _core as B
+from . import _core as B, _mp
 from ._workers import bare_fork, settle, start_and_reap, stop_default_template
 
-SCENARIOS = ("start", "back_to_back", "big_parent", "exec", "idle_uss")
+SCENARIOS = ("start", "back_to_back", "big_parent", "exec", "idle_uss", *_mp.SCENARIOS)
 BLOCK = 10  # back_to_back: workers per sample, one right after the other
 TRUE = "/bin/true"
 
@@ -234,6 +234,8 @@ RUNNERS = {"start": start, "back_to_back": back_to_back, "big_parent": big_paren
 TITLES = {"start": "worker start -> ran -> reaped", "back_to_back": "workers back to back",
           "big_parent": "the same from a big parent",
           "exec": f"exec {TRUE}", "idle_uss": "idle worker USS"}
+RUNNERS.update(_mp.runners(Scenario))
+TITLES.update(_mp.TITLES)
 
 
 def run(settings: Settings, progress: B.Progress) -> List[Scenario]:

@@ -1,0 +1,194 @@
+"""The ``mp_*`` scenarios of ``python -m forkserver bench``: ``forkserver.mp_context()``.
+
+* ``mp_start``: ``ctx.Process(target=...).start(); join()`` with the preload
+  module imported, from this (small) process: our context against the
+  standard ``forkserver`` (preload set), ``spawn`` and ``fork`` contexts;
+  then ten starts back to back (the mean of ten), where our context's
+  waiting child is ready for the first only.
+* ``mp_big_parent``: the same from this process holding ``parent_gib`` GiB.
+* ``mp_pool``: a ``ProcessPoolExecutor`` created, its first result, with our
+  context and the standard ``forkserver`` one (its server running already,
+  the preload module in it), and ``fork``'s.
+
+Every target is ``importlib.import_module(preload)`` (``abs`` in the pool):
+no module of ours is imported by any child but our context's (see ``_core``).
+Our context's background work (making the next waiting child) is waited
+for after each sample, untimed, as the spare clones of the other scenarios
+are; the back-to-back rows show the cost without that wait.
+
+This module only depends on ``_core``: ``_scenarios`` and ``_report`` hand
+it their ``Scenario`` class and goal helper (no import circle).
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib
+import time
+import warnings
+from typing import Any, Callable, Dict, List, Optional
+
+from . import _core as B
+
+OURS = "mp_context()"
+MP_FS, MP_SPAWN, MP_FORK = "mp forkserver + preload", "mp spawn", "mp fork"
+BLOCK = 10  # back to back: starts per sample
+PPE_SAMPLES = 20  # ProcessPoolExecutor cold starts per contender (mp forkserver: ~0.1 s each)
+SCENARIOS = ("mp_start", "mp_big_parent", "mp_pool")
+TITLES = {"mp_start": "mp context: Process start + join",
+          "mp_big_parent": "mp context: the same from a big parent",
+          "mp_pool": "mp context: ProcessPoolExecutor first result"}
+
+
+def runners(scenario: Callable[..., Any]) -> Dict[str, Callable[[Any], Any]]:
+    """The runners of our scenarios, building results with ``scenario`` (``_scenarios.Scenario``)."""
+    return {"mp_start": lambda bench: mp_start(bench, scenario),
+            "mp_big_parent": lambda bench: mp_big_parent(bench, scenario),
+            "mp_pool": lambda bench: mp_pool(bench, scenario)}
+
+
+@contextlib.contextmanager
+def _our_context(preload: str):
+    from .._pool._mp import mp_context
+
+    ctx = mp_context(preload=[preload])
+    try:
+        yield ctx
+    finally:
+        ctx.close()
+
+
+def _settled(ctx: Any) -> Callable[[], None]:
+    """Untimed, after a sample: wait for the context's next waiting child."""
+    return lambda: ctx._warm.wait_ready(B.TIMEOUT)
+
+
+def _start_join(bench: Any, ctx: Any, name: str, settle: bool = False) -> Callable[[], float]:
+    target = importlib.import_module
+    return B.timed(name, lambda: B.mp_start_and_reap(ctx, target, (bench.s.preload,)),
+                   _settled(ctx) if settle else None)
+
+
+def _block(once: Callable[[], float], after: Optional[Callable[[], None]] = None) -> Callable[[], float]:
+    def block() -> float:
+        mean = sum(once() for _ in range(BLOCK)) / BLOCK
+        if after is not None:
+            after()
+        return mean
+
+    return block
+
+
+def mp_start(bench: Any, scenario: Callable[..., Any]) -> Any:
+    """start + join from this small process, against the standard contexts."""
+    import multiprocessing
+
+    s = bench.s
+    sc = scenario("mp_start", f"mp context: Process start + join, {s.preload} preloaded", "ms")
+    with _our_context(s.preload) as ctx:
+        fork = multiprocessing.get_context("fork")
+        sc.contenders = [
+            B.Contender(OURS, _start_join(bench, ctx, OURS, settle=True)),
+            B.Contender(MP_FS, _start_join(bench, bench.mp_fs, MP_FS)),
+            B.Contender(MP_FORK, _start_join(bench, fork, MP_FORK)),
+        ]
+        if s.spawn_samples > 0:
+            sc.contenders.append(B.Contender(MP_SPAWN, _start_join(bench, bench.mp_spawn, MP_SPAWN),
+                                             s.spawn_samples))
+        back = [B.Contender(f"{OURS}, {BLOCK} back to back", _block(_start_join(bench, ctx, OURS),
+                                                                     _settled(ctx))),
+                B.Contender(f"{MP_FS}, {BLOCK} back to back", _block(_start_join(bench, bench.mp_fs, MP_FS)))]
+        with _fork_quietly():
+            bench.measure(sc.contenders)
+            bench.measure(back, rounds=max(1, s.rounds // BLOCK))
+        sc.contenders += back
+    sc.notes.append(f"{OURS} = forkserver.mp_context(preload=[{s.preload!r}]); its next "
+                    "waiting child is awaited untimed after each sample")
+    sc.notes.append(f"back to back = the mean of {BLOCK} start + join in a row, nothing awaited")
+    return sc
+
+
+def mp_big_parent(bench: Any, scenario: Callable[..., Any]) -> Any:
+    """The same from a parent holding ``parent_gib`` GiB: ours and the standard forkserver, then fork."""
+    import multiprocessing
+
+    s = bench.s
+    sc = scenario("mp_big_parent", f"mp context: the same from a parent holding {s.parent_gib:g} GiB", "ms")
+    with _our_context(s.preload) as ctx:
+        ours = B.Contender(OURS, _start_join(bench, ctx, OURS, settle=True))
+        fs = B.Contender(MP_FS, _start_join(bench, bench.mp_fs, MP_FS))
+        fork = B.Contender(MP_FORK, _start_join(bench, multiprocessing.get_context("fork"), MP_FORK),
+                           s.big_fork_samples)
+        sc.contenders = [ours, fs, fork]
+        bench.progress.status(f"allocating and touching {s.parent_gib:g} GiB")
+        ballast = B.ballast(s.parent_gib)
+        try:
+            bench.measure([ours, fs])
+            with _fork_quietly():  # alone: its copy-on-write faults would hit the others
+                bench.measure([fork], rounds=s.big_fork_samples)
+        finally:
+            del ballast
+            gc.collect()
+    sc.notes.append(f"{MP_FORK} is measured after the others, alone")
+    return sc
+
+
+def mp_pool(bench: Any, scenario: Callable[..., Any]) -> Any:
+    """ProcessPoolExecutor(max_workers=1, mp_context=...) to its first result (shutdown untimed)."""
+    import multiprocessing
+
+    s = bench.s
+    sc = scenario("mp_pool", "mp context: ProcessPoolExecutor created -> first result", "ms")
+    samples = max(3, min(PPE_SAMPLES, s.rounds))
+    with _our_context(s.preload) as ctx:
+        sc.contenders = [
+            B.Contender(OURS, _pool_first(ctx, _settled(ctx))),
+            B.Contender(MP_FS, _pool_first(bench.mp_fs)),
+            B.Contender(MP_FORK, _pool_first(multiprocessing.get_context("fork"))),
+        ]
+        with _fork_quietly():
+            B.measure(sc.contenders, samples, 1, bench.progress.tick)
+    sc.notes.append(f"{MP_FS}: its server runs already, with {s.preload} preloaded")
+    return sc
+
+
+def _pool_first(ctx: Any, after: Optional[Callable[[], None]] = None) -> Callable[[], float]:
+    from concurrent.futures import ProcessPoolExecutor
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        pool = ProcessPoolExecutor(max_workers=1, mp_context=ctx)
+        try:
+            if pool.submit(abs, -1).result(B.TIMEOUT) != 1:
+                raise RuntimeError("the pool returned a wrong result")
+            elapsed = time.perf_counter() - t0
+        finally:
+            pool.shutdown(wait=True)
+        if after is not None:
+            after()
+        return elapsed * 1e3
+
+    return once
+
+
+@contextlib.contextmanager
+def _fork_quietly():
+    with warnings.catch_warnings():  # 3.12+: "multi-threaded, use of fork()" (our threads)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
+def goals(median: Callable[[str, str], Optional[float]], goal: Callable[..., dict],
+          gib: float) -> List[dict]:
+    """Our goals (issue 15) from this run's medians; ``goal`` is ``_report._goal``."""
+    def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+        return None if a is None or b is None else a / b
+
+    return [
+        goal(f"mp_context: start + join >= 2x faster than {MP_FS}",
+             ratio(median("mp_start", MP_FS), median("mp_start", OURS)), 2.0, "x", at_least=True),
+        goal(f"mp_context: from {gib:g} GiB <= 1.1x from a small parent",
+             ratio(median("mp_big_parent", OURS), median("mp_start", OURS)), 1.1, "x"),
+        goal("mp_context: ProcessPoolExecutor first result <= 10 ms",
+             median("mp_pool", OURS), 10.0, "ms"),
+    ]
