@@ -20,7 +20,7 @@ from multiprocessing import process, reduction
 from multiprocessing.context import BaseContext, set_spawning_popen
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .._errors import ClosedError, ThreadedTemplateError
+from .._errors import BrokenTemplateError, ClosedError, ThreadedTemplateError
 from .._template import Template
 from ._mp_popen import Popen
 from ._mp_warm import Warm
@@ -104,9 +104,13 @@ class TemplateContext(BaseContext):
     def _build(self, with_main: bool = True) -> None:
         """Make the root: the template, our worker side, CHILD_MODULES, preload, __main__."""
         env = dict(_environ_data())  # what Template() adopts, next line
-        root = Template() if self._template is None else self._template.fork()
+        # No spare clone: the waiting child (_mp_warm) is made ahead of time
+        # already, and a spare asked for "after" it (_cloning.py) would wait
+        # for that long-lived child's exit before it is made.
+        root = Template(spare=False) if self._template is None else self._template.fork()
         try:
             root.require(WORKER)
+            root._keep_spare = False  # a fork of the user's inherits theirs (set once it exists)
             root.eval(_ENTER)
             root.require(*CHILD_MODULES)
             if self._preload:
@@ -178,11 +182,20 @@ class TemplateContext(BaseContext):
         return changed, [decode(k) for k in base if k not in data]
 
     def _take_child(self) -> "Child":
-        """A child of the root waiting for its payload: the one kept ready, or a new one."""
+        """A child of the root waiting for its payload: the one kept ready, or a new one.
+
+        A root found dead (someone killed it) is replaced, once per start,
+        as the default template is: the children it made live on.
+        """
         child = self._warm.take()
-        if child is None:
-            child = self._fork_child(rehearse=False)
-        return child
+        if child is not None:
+            return child
+        try:
+            return self._fork_child(rehearse=False)
+        except BrokenTemplateError:
+            with self._lock:
+                self._discard_root()
+            return self._fork_child(rehearse=False)
 
     def _fork_child(self, rehearse: bool = True) -> "Child":
         """Fork the root into a child that waits for its payload (and rehearses meanwhile).
@@ -196,12 +209,9 @@ class TemplateContext(BaseContext):
                 raise ClosedError("no root template in this process")
         else:
             root = self._root_template()
-        try:
-            return root.fork().send_arg(rehearse).run(f"{WORKER}:main")
-        except BaseException as exc:
-            if not isinstance(exc, Exception) and not rehearse:
-                self._discard_root()  # interrupted mid-call: the next start builds a new root
-            raise
+        # An interrupt here leaves the root in step: a fork has no reply on
+        # its socket, and an abandoned clone reads EOF and exits (_mp_worker).
+        return root.fork().send_arg(rehearse).run(f"{WORKER}:main")
 
     # -- BaseContext -------------------------------------------------------------
 

@@ -72,17 +72,21 @@ class Popen:
             set_spawning_popen(None)
         fds = [resource_tracker.getfd(), *stdio, *self._fds]
         child = None
+        sent = False
         try:
             child = context._take_child()
             self._adopt(child)
             _send(child, payload.getbuffer(), fds)
+            sent = True
+            # Only now: the thread that makes the next waiting child takes
+            # the GIL for ~0.1 ms, which would have delayed this start.
+            context._warm.request()
         except BaseException:
-            if child is not None:
-                self._abort(child)
+            if child is not None and not sent:
+                self._abort(child)  # it never got its payload: it ran nothing
+            elif sent:
+                _started_anyway(process_obj, self)  # it runs: keep it reachable
             raise
-        # Only now: the thread that makes the next waiting child takes the
-        # GIL for ~0.1 ms, which would have delayed this start.
-        context._warm.request()
 
     def _adopt(self, child: "Child") -> None:
         self._child = child
@@ -91,14 +95,16 @@ class Popen:
         self.finalizer = util.Finalize(self, _close, (self.sentinel, child))
 
     def _abort(self, child: "Child") -> None:
-        """``start()`` failed after the clone was made: end it, reap it, close everything."""
+        """``start()`` failed after the child was taken: end it, reap it, close everything."""
         child.kill()
         child.wait()
         self.returncode = child.returncode
         if self.finalizer is not None:
             self.finalizer()
-        else:
-            child.close()
+            return
+        if self.sentinel is not None:
+            os.close(self.sentinel)
+        child.close()
 
     # -- what BaseProcess calls --------------------------------------------------
 
@@ -138,6 +144,19 @@ class Popen:
             self.finalizer()
 
 
+def _started_anyway(process_obj: Any, popen: Popen) -> None:
+    """Record ``popen`` on its process as ``BaseProcess.start`` would have.
+
+    For an interrupt after the child got its payload: ``start()`` raises it,
+    and the process can still be joined, terminated and reaped.
+    """
+    from multiprocessing import process
+
+    process_obj._popen = popen
+    process_obj._sentinel = popen.sentinel
+    process._children.add(process_obj)
+
+
 def _open_stdio() -> List[int]:
     """The caller's stdio fds that are open now: the child gets them as 0-2 (as under spawn)."""
     found = []
@@ -160,6 +179,9 @@ def _send(child: "Child", payload: memoryview, fds: List[int]) -> None:
         drain(chan)
     except BrokenChannelError:
         chan.close()  # the child was killed meanwhile: its exit status says so
+    except BaseException:
+        chan.close()  # interrupted: the fds it queued go too (start() kills the child)
+        raise
 
 
 def _close(sentinel: int, child: "Child") -> None:

@@ -27,9 +27,13 @@ class Warm:
 
     def __init__(self, make: Callable[[], "Child"]) -> None:
         self._make = weakref.WeakMethod(make)  # the context's; it may be collected
-        self._cond = threading.Condition(threading.Lock())
+        # Callers use the lock itself in ``with`` (C code: an interrupt lands
+        # before or after it, never inside), the condition only to notify.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._child: Optional["Child"] = None
         self._wanted = False
+        self._making = False  # the thread is making one now
         self._generation = 0  # bumped when the template changes: older children are stale
         self._thread: Optional[threading.Thread] = None
         self._closed = False
@@ -38,16 +42,22 @@ class Warm:
 
     def take(self) -> Optional["Child"]:
         """The waiting child, or None if there is none ready (then ``request`` the next one)."""
-        with self._cond:
-            child, self._child = self._child, None
-        if child is not None and child.poll() is not None:
-            child.close()  # it died while it waited (someone killed it): not usable
-            return None
-        return child
+        child = None
+        try:
+            with self._lock:
+                child, self._child = self._child, None
+            if child is not None and child.poll() is not None:
+                child.close()  # it died while it waited (someone killed it): not usable
+                return None
+            return child
+        except BaseException:
+            if child is not None:
+                discard(child)  # interrupted: nobody else has it now
+            raise
 
     def request(self) -> None:
         """Make a child to wait, unless one is waiting."""
-        with self._cond:
+        with self._lock:
             self._want()
 
     def wait_ready(self, timeout: float) -> bool:
@@ -55,9 +65,21 @@ class Warm:
         with self._cond:
             return self._cond.wait_for(lambda: self._child is not None or self._closed, timeout)
 
+    def settle(self, timeout: float) -> bool:
+        """Wait until no child is asked for or being made; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(self._idle, timeout)
+
+    def _idle(self) -> bool:  # lock held
+        return self._closed or not self._making and (self._child is not None or not self._wanted)
+
+    def standing(self) -> Optional["Child"]:
+        """The waiting child, if there is one (for leak checks)."""
+        return self._child
+
     def invalidate(self) -> None:
         """The template changed: discard the waiting child (it is a copy of the old state)."""
-        with self._cond:
+        with self._lock:
             self._generation += 1
             child, self._child = self._child, None
         if child is not None:
@@ -65,7 +87,7 @@ class Warm:
 
     def close(self) -> None:
         """Stop the thread and discard the waiting child.  Idempotent."""
-        with self._cond:
+        with self._lock:
             self._closed = True
             child, self._child = self._child, None
             thread = self._thread
@@ -78,12 +100,14 @@ class Warm:
     def _want(self) -> None:  # lock held
         if self._closed:
             return
-        self._wanted = True
+        # The thread cannot look before we release the lock; the flag goes
+        # last, so an interrupt in between leaves no request nobody serves.
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="forkserver-mp-warm", daemon=True)
             self._thread.start()
         else:
             self._cond.notify_all()
+        self._wanted = True
 
     def _loop(self) -> None:
         while True:
@@ -93,18 +117,19 @@ class Warm:
                 if self._closed:
                     self._thread = None
                     return
-                self._wanted = False
+                self._wanted, self._making = False, True
                 generation = self._generation
             child = self._make_one()
-            if child is None:
-                continue  # the context is gone or broken: its next start() says why
             with self._cond:
-                keep = not self._closed and generation == self._generation and self._child is None
+                keep = (child is not None and not self._closed
+                        and generation == self._generation and self._child is None)
                 if keep:
                     self._child = child
-                    self._cond.notify_all()
-            if not keep:
-                discard(child)
+            if child is not None and not keep:
+                discard(child)  # the template changed meanwhile, or this closed
+            with self._cond:
+                self._making = False
+                self._cond.notify_all()
 
     def _make_one(self) -> Optional["Child"]:
         make = self._make()
@@ -119,7 +144,8 @@ class Warm:
 
     def after_fork_child(self) -> None:
         """In a forked copy of the caller: nothing here is its own any more."""
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._thread = None
         child, self._child = self._child, None
         if child is not None and child.control is not None:

@@ -1,0 +1,164 @@
+"""Helpers of the mp_context tests: leak checks that know a context's waiting child, interrupts.
+
+A context keeps one child started and waiting (``forkserver._pool._mp_warm``)
+and replaces it after each start, so the plain ``no_leaks`` fixture would
+see a new child (and its two fds) after every test.  ``mp_no_leaks`` waits
+for that background work to settle and leaves the waiting children out,
+and starts multiprocessing's resource tracker first (it is a child of ours
+that lives as long as this process, started by the first ``start()``).
+"""
+from __future__ import annotations
+
+import contextlib
+import dis
+import traceback
+import os
+import sys
+from typing import Any, Callable, Dict, Iterator, Set, Tuple
+
+import pytest
+
+import forkserver
+from tests.conftest import _describe, child_pids, open_fds
+
+SETTLE = 30.0  # seconds the background work of a context may take
+
+
+def standing() -> Tuple[Set[int], Set[int]]:
+    """(pids, fds) of every live context's waiting child, once its background work settled."""
+    from forkserver._pool import _mp
+
+    pids: Set[int] = set()
+    fds: Set[int] = set()
+    for ctx in list(_mp._contexts):
+        warm = ctx._warm
+        assert warm.settle(SETTLE), f"{ctx!r}: its waiting child was not made in {SETTLE}s"
+        child = warm.standing()
+        if child is not None:
+            pids.add(child.pid)
+            fds.add(child.control.fileno())
+            if child._pidfd is not None:
+                fds.add(child._pidfd)
+    return pids, fds
+
+
+def snapshot() -> Tuple[Set[int], Set[int]]:
+    pids, fds = standing()
+    return open_fds() - fds, child_pids() - pids
+
+
+@pytest.fixture
+def mp_no_leaks():
+    """``no_leaks`` for tests of mp contexts: no fd or child left, waiting children aside."""
+    from multiprocessing import resource_tracker
+
+    from forkserver._reaper import reaper
+
+    resource_tracker.ensure_running()
+    fds_before, kids_before = snapshot()
+    yield
+    assert reaper.wait_idle(10), "the reaper still waits for dropped processes"
+    fds_after, kids_after = snapshot()
+    leaked = {fd: _describe(fd) for fd in fds_after - fds_before}
+    assert not leaked, f"fds leaked: {leaked}"
+    assert not kids_after - kids_before, f"children left behind: {kids_after - kids_before}"
+
+
+class Injected(KeyboardInterrupt):
+    """The KeyboardInterrupt ``interrupt_at_line`` raises."""
+
+
+POOL = os.path.join(os.path.dirname(os.path.abspath(forkserver.__file__)), "_pool") + os.sep
+
+
+@contextlib.contextmanager
+def interrupt_at_line(n: int, where: str = POOL) -> Iterator[Callable[[], bool]]:
+    """Raise ``Injected`` at the ``n``-th line event (1-based) of code under ``where`` meanwhile.
+
+    Yields a function telling whether it was raised.  Only lines of files
+    under ``where`` (by default ``forkserver/_pool/``) count; calls into
+    other code are taken as atomic, as C calls are: the core's own
+    interrupt safety is its tests' to check, and the standard library is
+    not interrupt-safe everywhere (``socket.socketpair`` loses an fd when
+    interrupted between its two wraps, ``threading.Condition.__exit__``
+    keeps its lock when interrupted before releasing it).  Threads other
+    than this one are not traced.
+    """
+    state = {"count": 0, "raised": False}
+
+    def tracer(frame, event, arg):
+        if (event == "line" and not state["raised"] and frame.f_code.co_filename.startswith(where)
+                and frame.f_lasti not in _with_exits(frame.f_code)):
+            state["count"] += 1
+            if state["count"] == n:
+                state["raised"] = True
+                stack = "".join(traceback.format_stack(frame, limit=8))
+                raise Injected(f"injected at line event {n}, in\n{stack}")
+        return tracer
+
+    old = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        yield lambda: state["raised"]
+    finally:
+        sys.settrace(old)
+
+
+_exits: Dict[Any, Set[int]] = {}
+
+
+def _with_exits(code: Any) -> Set[int]:
+    """Offsets in ``code`` where a ``with`` block's normal exit starts (3.10+).
+
+    That exit (``__exit__(None, None, None)``) is reported as a line event
+    of the ``with`` line; an exception raised by a trace function there
+    skips the ``__exit__`` call (a lock stays held).  A signal's
+    KeyboardInterrupt cannot land there -- it is raised once the call has
+    returned -- so these events are not interruption points.
+    """
+    found = _exits.get(code)
+    if found is None:
+        ins = [i for i in dis.get_instructions(code) if i.opname != "CACHE"]
+        found = {
+            ins[k].offset for k in range(len(ins) - 3)
+            if all(i.opname == "LOAD_CONST" and i.argval is None for i in ins[k:k + 3])
+            and ins[k + 3].opname in ("PRECALL", "CALL")
+        }
+        _exits[code] = found
+    return found
+
+
+def every_interruption(call: Callable[[], None], check: Callable[[], None], every: int = 1,
+                       limit: int = 100000) -> int:
+    """Run ``call`` with a KeyboardInterrupt injected at line event 1, 1 + every, ... until a
+    run completes; ``check()`` runs after each.  Returns how many runs were interrupted."""
+    injected = 0
+    for n in range(1, limit, every):
+        if os.environ.get("FS_DEBUG_INJECT"):
+            with open(os.environ["FS_DEBUG_INJECT"], "a") as f:
+                f.write(f"{n}\n")
+        where = None
+        try:
+            with interrupt_at_line(n) as raised:
+                call()
+        except Injected as exc:
+            injected += 1
+            where = str(exc)
+            if os.environ.get("FS_DEBUG_INJECT"):
+                with open(os.environ["FS_DEBUG_INJECT"], "a") as f:
+                    f.write(where + "\n")
+        try:
+            check()
+        except AssertionError as exc:
+            raise AssertionError(f"after the KeyboardInterrupt {where or 'swallowed'}: {exc}") from None
+        if not raised():
+            return injected
+    raise AssertionError(f"{call!r} was still interrupted after {limit} line events")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
