@@ -313,10 +313,10 @@ def _rehearsal_payload() -> bytes:
     import io
 
     current = process.current_process()
-    _, prep = _main_data()
-    if not prep:
-        prep = {"sys_path": list(sys.path), "sys_argv": list(sys.argv), "dir": os.getcwd(),
-                "orig_dir": process.ORIGINAL_DIR}
+    # No main module: a waiting child must not run the user's script (it
+    # would, where the template could not import it); the rest is the same.
+    prep = {"sys_path": list(sys.path), "sys_argv": list(sys.argv), "dir": os.getcwd(),
+            "orig_dir": process.ORIGINAL_DIR}
     prep.update(name="rehearsal", authkey=current.authkey, log_to_stderr=False,
                 start_method=process_start_method())
     stand_in = TemplateProcess.__new__(TemplateProcess)
