@@ -375,6 +375,7 @@ def _start_in_forked_copy(ctx):
     assert proc.exitcode == 4
 
 
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_forked_copy_of_the_caller_builds_its_own_template(ctx):
     assert run(ctx, noop).exitcode == 0
     assert wait_exitcode(run_in_child(_start_in_forked_copy, ctx)) == 0

@@ -279,6 +279,10 @@ def test_an_idle_worker_is_reused():
         assert len(ex._processes) == 1
 
 
+needs_max_tasks = pytest.mark.skipif(sys.version_info < (3, 11), reason="max_tasks_per_child: 3.11+")
+
+
+@needs_max_tasks
 def test_max_tasks_per_child_replaces_the_worker():
     with executor(1, max_tasks_per_child=3) as ex:
         first = ex.submit(os.getpid).result(TIMEOUT)
@@ -288,6 +292,7 @@ def test_max_tasks_per_child_replaces_the_worker():
         assert len(ex._processes) == 1
 
 
+@needs_max_tasks
 def test_max_tasks_per_child_finishes_every_task_at_an_early_shutdown():
     ex = executor(3, max_tasks_per_child=1)
     futs = [ex.submit(mul, i, i) for i in range(6)]
