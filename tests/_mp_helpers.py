@@ -4,8 +4,8 @@ A context keeps one child started and waiting (``forkserver._pool._mp_warm``)
 and replaces it after each start, so the plain ``no_leaks`` fixture would
 see a new child (and its two fds) after every test.  ``mp_no_leaks`` waits
 for that background work to settle and leaves the waiting children out,
-and starts multiprocessing's resource tracker first (it is a child of ours
-that lives as long as this process, started by the first ``start()``).
+and expects multiprocessing's resource tracker to run already
+(``mp_tracker``: it is a child of ours that the first ``start()`` makes).
 """
 from __future__ import annotations
 
@@ -56,13 +56,10 @@ def snapshot() -> Tuple[Set[int], Set[int]]:
 
 
 @pytest.fixture
-def mp_no_leaks():
+def mp_no_leaks(mp_tracker):
     """``no_leaks`` for tests of mp contexts: no fd or child left, waiting children aside."""
-    from multiprocessing import resource_tracker
-
     from forkserver._reaper import reaper
 
-    resource_tracker.ensure_running()
     fds_before, kids_before = snapshot()
     yield
     gc.collect()  # a Process keeps its sentinel until collected (Pool: in cycles)
@@ -71,6 +68,30 @@ def mp_no_leaks():
     leaked = {fd: _describe(fd) for fd in fds_after - fds_before}
     assert not leaked, f"fds leaked: {leaked}"
     assert not kids_after - kids_before, f"children left behind: {kids_after - kids_before}"
+
+
+@contextlib.contextmanager
+def module_context(ctx):
+    """For a module-scoped fixture: ``ctx`` built now (not in the first test), closed at the end."""
+    ctx._root_template()
+    try:
+        yield ctx
+    finally:
+        ctx.close()
+
+
+@pytest.fixture(scope="module")
+def mp_tracker():
+    """multiprocessing's resource tracker, running for a module's tests, stopped after them.
+
+    The first ``start()`` of a process starts it: a child of ours for as
+    long as this process lives, which other modules' tests would count.
+    """
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    yield
+    resource_tracker._resource_tracker._stop()
 
 
 class Injected(KeyboardInterrupt):

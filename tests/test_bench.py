@@ -18,6 +18,10 @@ EXPECTED = {
     "big_parent": {"forkserver", "forkserver, small parent", "os.fork, this process"},
     "exec": {"forkserver.spawn", "subprocess.run", "os.posix_spawn + waitpid"},
     "idle_uss": {"forkserver", "mp forkserver + preload", "mp spawn"},
+    "mp_start": {"mp_context()", "mp forkserver + preload", "mp fork", "mp spawn",
+                 "mp_context(), 10 back to back", "mp forkserver + preload, 10 back to back"},
+    "mp_big_parent": {"mp_context()", "mp forkserver + preload", "mp fork"},
+    "mp_pool": {"mp_context()", "mp forkserver + preload", "mp fork"},
 }
 
 
@@ -44,8 +48,8 @@ def test_bench_quick_writes_every_scenario_with_positive_numbers(tmp_path, capsy
         for row in scenario["contenders"]:
             _check_row(key, row)
     assert data["machine"]["cpus"] > 0 and data["machine"]["kernel"]
-    # start x2, back to back x2, big parent, exec, USS
-    assert len(data["goals"]) == 7 and all("met" in g for g in data["goals"])
+    # start x2, back to back x2, big parent, exec, USS; mp context: start, big parent, pool
+    assert len(data["goals"]) == 10 and all("met" in g for g in data["goals"])
     out, err = capsys.readouterr()
     assert "vs forkserver" in out and "goals" in out
     assert f"bench [1/{1 + len(EXPECTED)}]" in err  # the progress lines

@@ -27,7 +27,9 @@ from forkserver._reaper import reaper
 
 from ._helpers import run_in_child, wait_exitcode
 from .conftest import _describe
-from ._mp_helpers import every_interruption, mp_no_leaks, pid_alive, snapshot  # noqa: F401
+from ._mp_helpers import (  # noqa: F401
+    every_interruption, module_context, mp_no_leaks, mp_tracker, pid_alive, snapshot,
+)
 
 pytestmark = pytest.mark.usefixtures("mp_no_leaks")
 
@@ -37,7 +39,7 @@ PROBE_LOG = "FORKSERVER_TEST_PROBE_LOG"
 
 @pytest.fixture(scope="module")
 def ctx():
-    with forkserver.mp_context(preload=[__name__]) as context:
+    with module_context(forkserver.mp_context(preload=[__name__])) as context:
         yield context
 
 

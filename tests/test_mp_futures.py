@@ -33,20 +33,23 @@ from concurrent.futures.process import BrokenProcessPool
 
 import pytest
 
-import forkserver
+from forkserver._pool._mp import TemplateContext
 
-from ._mp_helpers import mp_no_leaks  # noqa: F401
+from ._mp_helpers import module_context, mp_no_leaks, mp_tracker  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("mp_no_leaks")
 
 TIMEOUT = 30.0
-CTX = forkserver.mp_context(preload=[__name__])
+# Built on first use, not at import: pytest imports every module before it
+# runs any, and a context's waiting child would stand among other modules'
+# children meanwhile.  (mp_context() builds at once, to raise preload errors.)
+CTX = TemplateContext(preload=[__name__])
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _close_ctx():
-    yield
-    CTX.close()
+def _built_then_closed():
+    with module_context(CTX):
+        yield
 
 
 def executor(workers=5, **kwargs):

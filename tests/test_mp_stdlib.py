@@ -46,21 +46,24 @@ from multiprocessing import BufferTooShort, connection, reduction, shared_memory
 
 import pytest
 
-import forkserver
+from forkserver._pool._mp import TemplateContext
 
-from ._mp_helpers import mp_no_leaks  # noqa: F401
+from ._mp_helpers import module_context, mp_no_leaks, mp_tracker  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("mp_no_leaks")
 
 TIMEOUT = 30.0
 SHORT = 0.1  # a wait that must time out
-CTX = forkserver.mp_context(preload=[__name__])  # built now (lazily inside our children)
+# Built on first use, not at import: pytest imports every module before it
+# runs any, and a context's waiting child would stand among other modules'
+# children meanwhile.  (mp_context() builds at once, to raise preload errors.)
+CTX = TemplateContext(preload=[__name__])
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _close_ctx():
-    yield
-    CTX.close()
+def _built_then_closed():
+    with module_context(CTX):
+        yield
 
 
 def join(proc, timeout=TIMEOUT):

@@ -181,21 +181,22 @@ class TemplateContext(BaseContext):
         changed = {decode(k): decode(v) for k, v in data.items() if base.get(k) != v}
         return changed, [decode(k) for k in base if k not in data]
 
-    def _take_child(self) -> "Child":
-        """A child of the root waiting for its payload: the one kept ready, or a new one.
+    def _take_child(self) -> "Tuple[Child, bool]":
+        """(a child of the root waiting for its payload, whether it was waiting already):
+        the one kept ready (or being made), or a new one.
 
         A root found dead (someone killed it) is replaced, once per start,
         as the default template is: the children it made live on.
         """
-        child = self._warm.take()
+        child, ready = self._warm.take()
         if child is not None:
-            return child
+            return child, ready
         try:
-            return self._fork_child(rehearse=False)
+            return self._fork_child(rehearse=False), False
         except BrokenTemplateError:
             with self._lock:
                 self._discard_root()
-            return self._fork_child(rehearse=False)
+            return self._fork_child(rehearse=False), False
 
     def _fork_child(self, rehearse: bool = True) -> "Child":
         """Fork the root into a child that waits for its payload (and rehearses meanwhile).

@@ -74,13 +74,13 @@ class Popen:
         child = None
         sent = False
         try:
-            child = context._take_child()
+            child, was_waiting = context._take_child()
             self._adopt(child)
             _send(child, payload.getbuffer(), fds)
             sent = True
-            # Only now: the thread that makes the next waiting child takes
-            # the GIL for ~0.1 ms, which would have delayed this start.
-            context._warm.request()
+            # Only now: the thread takes the GIL for ~0.1 ms when it starts
+            # on the next child (see _mp_warm, "When the next one is made").
+            context._warm.request(after=child.pid if was_waiting else None)
         except BaseException:
             if child is not None and not sent:
                 self._abort(child)  # it never got its payload: it ran nothing

@@ -2,9 +2,19 @@
 
 ``Process.start()`` takes it: the payload goes out at once, with no fork to
 wait for, to a child that has walked its start-up path once already (the
-rehearsal in ``_mp_worker``).  A daemon thread makes the next one meanwhile,
-so the fork (a round trip to the template, ~0.3 ms here) is off the path
-of ``start()`` -- and off that of a ``ProcessPoolExecutor``'s first result.
+rehearsal in ``_mp_worker``).  A daemon thread makes the next one, so the
+fork (a round trip to the template, ~0.3 ms here) is off the path of
+``start()`` -- and off that of a ``ProcessPoolExecutor``'s first result.
+
+When the next one is made.  Making it costs ~1 ms of CPU (the template's
+clone, then the new child's rehearsal); done while the child just started
+runs, it competes with that child for the CPUs.  So when the child taken
+was waiting already (there is idle time between starts), the thread waits
+until it has exited (its pidfd is readable), or until a ``start()`` finds
+no child waiting.  When it was not (starts come back to back), the next
+is made at once.  A ``start()`` that finds a child being made waits for
+it rather than forking a second one beside it.  The core's spare clones
+follow the same rule (``_cloning.py``, "When the next spare is made").
 
 The waiting child is an idle process of ~1 MiB, your child like the
 others; it exits as soon as its control socket closes (``discard``).
@@ -12,70 +22,80 @@ others; it exits as soon as its control socket closes (``discard``).
 from __future__ import annotations
 
 import os
+import select
 import threading
 import weakref
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Tuple
 
 if TYPE_CHECKING:  # pragma: no cover
     from .._process import Child
 
 _DISCARD_GRACE = 5.0  # seconds a discarded child gets to see EOF and exit before SIGKILL
+_TAKE_WAIT = 2.0  # seconds start() waits for the child being made before forking one itself
 
 
 class Warm:
-    """One started child, replaced in the background each time it is taken."""
+    """One started child, replaced in the background after each is taken."""
 
     def __init__(self, make: Callable[[], "Child"]) -> None:
         self._make = weakref.WeakMethod(make)  # the context's; it may be collected
         # Callers use the lock itself in ``with`` (C code: an interrupt lands
-        # before or after it, never inside), the condition only to notify.
+        # before or after it, never inside), the condition to wait and notify.
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._child: Optional["Child"] = None
-        self._wanted = False
+        self._wanted = False  # a child is to be made (once ``_after`` has exited)
+        self._after: Optional[int] = None  # the pid of the child last taken
         self._making = False  # the thread is making one now
         self._generation = 0  # bumped when the template changes: older children are stale
         self._thread: Optional[threading.Thread] = None
+        self._wake = (-1, -1)  # a pipe: how the thread is woken from its poll
         self._closed = False
-        self._pid = os.getpid()
         _all.add(self)
 
-    def take(self) -> Optional["Child"]:
-        """The waiting child, or None if there is none ready (then ``request`` the next one)."""
+    # -- what start() does --------------------------------------------------------
+
+    def take(self) -> Tuple[Optional["Child"], bool]:
+        """(the waiting child or the one being made -- None: fork one yourself, whether it
+        was waiting already).  Pass the latter to ``request``."""
         child = None
         try:
             with self._lock:
+                ready = self._child is not None
+                if not ready and self._thread is not None and (self._wanted or self._making):
+                    self._after = None  # needed now: no more waiting for the last one's exit
+                    self._kick()
+                    self._cond.wait_for(self._has_or_gives_up, _TAKE_WAIT)
                 child, self._child = self._child, None
             if child is not None and child.poll() is not None:
                 child.close()  # it died while it waited (someone killed it): not usable
-                return None
-            return child
+                return None, False
+            return child, ready
         except BaseException:
             if child is not None:
                 discard(child)  # interrupted: nobody else has it now
             raise
 
-    def request(self) -> None:
-        """Make a child to wait, unless one is waiting."""
+    def request(self, after: Optional[int] = None) -> None:
+        """Make a child to wait, unless one is waiting: once ``after`` (a pid) has exited.
+
+        Starts that took a child that was waiting already pass it as
+        ``after``: there was idle time, the next one can wait for it.  Those
+        that found none (starts back to back) pass None: the next is made
+        at once, while the child just started runs.
+        """
         with self._lock:
-            self._want()
-
-    def wait_ready(self, timeout: float) -> bool:
-        """Wait until a child is waiting (or this is closed); False on timeout."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._child is not None or self._closed, timeout)
-
-    def settle(self, timeout: float) -> bool:
-        """Wait until no child is asked for or being made; False on timeout."""
-        with self._cond:
-            return self._cond.wait_for(self._idle, timeout)
-
-    def _idle(self) -> bool:  # lock held
-        return self._closed or not self._making and (self._child is not None or not self._wanted)
-
-    def standing(self) -> Optional["Child"]:
-        """The waiting child, if there is one (for leak checks)."""
-        return self._child
+            if self._closed:
+                return
+            self._after = after
+            if self._thread is None:
+                self._wake = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+                self._thread = threading.Thread(target=self._loop, name="forkserver-mp-warm", daemon=True)
+                self._thread.start()
+            else:
+                self._kick()
+            # Last: an interrupt before it leaves no request nobody serves.
+            self._wanted = True
 
     def invalidate(self) -> None:
         """The template changed: discard the waiting child (it is a copy of the old state)."""
@@ -91,50 +111,104 @@ class Warm:
             self._closed = True
             child, self._child = self._child, None
             thread = self._thread
+            self._kick()
             self._cond.notify_all()
         if child is not None:
             discard(child)
         if thread is not None and thread is not threading.current_thread():
             thread.join(_DISCARD_GRACE)
+            if not thread.is_alive():
+                self._close_wake()
 
-    def _want(self) -> None:  # lock held
-        if self._closed:
-            return
-        # The thread cannot look before we release the lock; the flag goes
-        # last, so an interrupt in between leaves no request nobody serves.
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="forkserver-mp-warm", daemon=True)
-            self._thread.start()
-        else:
-            self._cond.notify_all()
-        self._wanted = True
+    # -- for benchmarks and tests -----------------------------------------------------
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait until a child is waiting (or this is closed); False on timeout."""
+        with self._lock:
+            self._after = None
+            self._kick()
+            return self._cond.wait_for(lambda: self._child is not None or self._closed, timeout)
+
+    def settle(self, timeout: float) -> bool:
+        """Wait until the thread has nothing left to do now; False on timeout."""
+        with self._lock:
+            self._after = None
+            self._kick()
+            return self._cond.wait_for(self._idle, timeout)
+
+    def standing(self) -> Optional["Child"]:
+        """The waiting child, if there is one."""
+        return self._child
+
+    # -- the thread ---------------------------------------------------------------------
+
+    def _idle(self) -> bool:  # lock held
+        return self._closed or not self._making and (self._child is not None or not self._wanted)
+
+    def _has_or_gives_up(self) -> bool:  # lock held
+        return self._child is not None or self._closed or not (self._wanted or self._making)
+
+    def _kick(self) -> None:  # lock held
+        if self._wake[1] >= 0:
+            try:
+                os.write(self._wake[1], b"x")
+            except BlockingIOError:
+                pass  # woken already
 
     def _loop(self) -> None:
         while True:
-            with self._cond:
-                while not self._closed and (self._child is not None or not self._wanted):
-                    self._cond.wait()
+            with self._lock:
                 if self._closed:
-                    self._thread = None
                     return
-                self._wanted, self._making = False, True
-                generation = self._generation
+                after = self._after
+                make = self._wanted and self._child is None and after is None
+                if make:
+                    self._wanted, self._making = False, True
+                    generation = self._generation
+            if not make:
+                self._sleep(after if self._wanted else None)
+                with self._lock:
+                    if self._after == after:
+                        self._after = None
+                continue
             child = self._make_one()
-            with self._cond:
+            with self._lock:
                 keep = (child is not None and not self._closed
                         and generation == self._generation and self._child is None)
                 if keep:
                     self._child = child
             if child is not None and not keep:
                 discard(child)  # the template changed meanwhile, or this closed
-            with self._cond:
+            with self._lock:
                 self._making = False
                 self._cond.notify_all()
+
+    def _sleep(self, after: Optional[int]) -> None:
+        """Until woken -- or, with ``after``, until that process has exited."""
+        poller = select.poll()
+        poller.register(self._wake[0], select.POLLIN)
+        pidfd = -1
+        if after is not None:
+            try:
+                pidfd = os.pidfd_open(after)
+            except OSError:
+                return  # gone (and reaped) already
+            poller.register(pidfd, select.POLLIN)
+        try:
+            for fd, _ in poller.poll():
+                if fd == self._wake[0]:
+                    try:
+                        os.read(fd, 4096)
+                    except BlockingIOError:
+                        pass
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
 
     def _make_one(self) -> Optional["Child"]:
         make = self._make()
         if make is None:
-            with self._cond:
+            with self._lock:
                 self._closed = True
             return None
         try:
@@ -142,16 +216,24 @@ class Warm:
         except Exception:
             return None  # e.g. the template died: start() forks itself and raises the error
 
+    def _close_wake(self) -> None:
+        wake, self._wake = self._wake, (-1, -1)
+        for fd in wake:
+            if fd >= 0:
+                os.close(fd)
+
     def after_fork_child(self) -> None:
         """In a forked copy of the caller: nothing here is its own any more."""
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._thread = None
+        self._wanted = self._making = False
+        self._after = None
+        self._close_wake()
         child, self._child = self._child, None
         if child is not None and child.control is not None:
             child.control.close()  # our copy: the parent's waiting child must see its EOF
         self._generation += 1
-        self._pid = os.getpid()
 
 
 def discard(child: "Child") -> None:

@@ -146,8 +146,8 @@ def import_main(data: dict) -> None:
 def main(control: Any, rehearse: bool) -> None:
     """Become the multiprocessing child: wait for the payload, bootstrap the process, exit."""
     chan = FdChannel(control)
-    if rehearse and not _waiting(control):
-        _rehearse()
+    if rehearse:
+        _rehearse(control)
     try:
         frame = chan.receive()
     except BrokenChannelError:
@@ -224,7 +224,7 @@ def _receive_one() -> None:
         theirs.close()
 
 
-def _rehearse() -> None:
+def _rehearse(sock: Any) -> None:
     """Walk the start-up path once with the stand-in payload: the same code, the same pages.
 
     Every step is one the real start-up repeats: ``prepare`` is applied
@@ -234,13 +234,23 @@ def _rehearse() -> None:
     if _rehearsal is None:
         return
     try:
-        _receive_one()
-        _load(io.BytesIO(_rehearsal))
-        util._close_stdin()
-        fd = sys.stdin.fileno()  # opened with closefd=False: close it, or it stays open
-        sys.stdin.close()
-        os.close(fd)
-        process._ParentProcess("rehearsal", os.getppid(), -1)
+        for step in (_receive_one, _load_stand_in, _replace_stdin):
+            if _waiting(sock):
+                break  # the payload is here: serve it now
+            step()
     except Exception:
         pass
     process.current_process()._inheriting = True  # type: ignore[attr-defined]
+
+
+def _load_stand_in() -> None:
+    assert _rehearsal is not None
+    _load(io.BytesIO(_rehearsal))
+
+
+def _replace_stdin() -> None:
+    util._close_stdin()
+    fd = sys.stdin.fileno()  # opened with closefd=False: close it, or it stays open
+    sys.stdin.close()
+    os.close(fd)
+    process._ParentProcess("rehearsal", os.getppid(), -1)
