@@ -8,6 +8,8 @@ Adapted (in our own words) from CPython's ``Lib/test/_test_multiprocessing.py``
 ``_TestPoolWorkerLifetime``, ``_TestConnection`` and ``_TestPicklingConnections``
 (fd transfer), ``_TestSharedMemory`` (across processes).  Every child is
 started with our context, which preloads this module (its targets).
+CPython's own classes also run, unchanged, with our context as the default
+one: ``test_mp_cpython_multiprocessing.py``.
 
 Left out, and why:
 
