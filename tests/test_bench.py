@@ -20,7 +20,8 @@ EXPECTED = {
     "idle_uss": {"forkserver", "mp forkserver + preload", "mp spawn"},
     "mp_start": {"mp_context()", "mp forkserver + preload", "mp fork", "mp spawn",
                  "mp_context(), 10 back to back", "mp forkserver + preload, 10 back to back"},
-    "mp_big_parent": {"mp_context()", "mp forkserver + preload", "mp fork"},
+    "mp_big_parent": {"mp_context()", "mp_context(), small parent", "mp forkserver + preload",
+                      "mp fork"},
     "mp_pool": {"mp_context()", "mp forkserver + preload", "mp fork"},
 }
 

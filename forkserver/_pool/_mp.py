@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence,
 from .._errors import BrokenTemplateError, ClosedError, ThreadedTemplateError
 from .._template import Template
 from ._mp_popen import Popen
-from ._mp_warm import Warm
+from ._mp_warm import Warm, discard
 from ._mp_worker import CHILD_MODULES, TemplateProcess
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -188,23 +188,30 @@ class TemplateContext(BaseContext):
         A root found dead (someone killed it) is replaced, once per start,
         as the default template is: the children it made live on.
         """
-        child, ready = self._warm.take()
-        if child is not None:
-            return child, ready
+        child = None
         try:
-            return self._fork_child(rehearse=False), False
+            child, ready = self._warm.take()
+            if child is not None:
+                return child, ready
+        except BaseException:
+            if child is not None:
+                discard(child)  # interrupted: it never got a payload
+            raise
+        try:
+            return self._fork_child(), False
         except BrokenTemplateError:
             with self._lock:
                 self._discard_root()
-            return self._fork_child(rehearse=False), False
+            return self._fork_child(), False
 
-    def _fork_child(self, rehearse: bool = True) -> "Child":
-        """Fork the root into a child that waits for its payload (and rehearses meanwhile).
+    def _fork_child(self, background: bool = False, rehearse: bool = False) -> "Child":
+        """Fork the root into a child that waits for its payload (``rehearse``: and meanwhile
+        walks its start-up path once).
 
-        The waiting child is made by ``Warm``'s thread, which uses the root
-        as it is: it never builds one.
+        ``background``: for ``Warm``'s thread, which uses the root as it
+        is (it never builds one).
         """
-        if rehearse:
+        if background:
             root = self._root
             if root is None or self._root_pid != os.getpid():
                 raise ClosedError("no root template in this process")

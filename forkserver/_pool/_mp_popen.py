@@ -49,6 +49,7 @@ class Popen:
         self.pid: Optional[int] = None
         self.sentinel: Optional[int] = None
         self._child: Optional["Child"] = None
+        self._context = context
         self._fds: List[int] = []
         self._launch(process_obj, context)
 
@@ -70,7 +71,7 @@ class Popen:
             reduction.dump(process_obj, payload)
         finally:
             set_spawning_popen(None)
-        fds = [resource_tracker.getfd(), *stdio, *self._fds]
+        fds = [_tracker_fd(), *stdio, *self._fds]
         child = None
         sent = False
         try:
@@ -80,7 +81,10 @@ class Popen:
             sent = True
             # Only now: the thread takes the GIL for ~0.1 ms when it starts
             # on the next child (see _mp_warm, "When the next one is made").
-            context._warm.request(after=child.pid if was_waiting else None)
+            if was_waiting:
+                context._warm.request(after=child.pid)
+            else:
+                context._warm.request(back_to_back=True)
         except BaseException:
             if child is not None and not sent:
                 self._abort(child)  # it never got its payload: it ran nothing
@@ -115,6 +119,8 @@ class Popen:
                 return self.wait()
             assert self._child is not None
             self.returncode = self._child.poll()
+            if self.returncode is not None:
+                self._context._warm.exited(self.pid)  # the next waiting child may come now
         return self.returncode
 
     def wait(self, timeout: Optional[float] = None) -> Optional[int]:
@@ -155,6 +161,25 @@ def _started_anyway(process_obj: Any, popen: Popen) -> None:
     process_obj._popen = popen
     process_obj._sentinel = popen.sentinel
     process._children.add(process_obj)
+
+
+def _tracker_fd() -> int:
+    """The resource tracker's fd, started if need be (``resource_tracker.getfd()``).
+
+    ``getfd()`` checks the tracker is alive by writing to it, which wakes it
+    up -- another process on the CPUs just as the child starts.  The
+    tracker is our child: when it has not exited (``waitid`` without reaping
+    it), its fd is good.
+    """
+    tracker = resource_tracker._resource_tracker
+    fd, pid = getattr(tracker, "_fd", None), getattr(tracker, "_pid", None)
+    if fd is not None and pid is not None:
+        try:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                return fd
+        except ChildProcessError:
+            pass  # not ours (a forked copy of the process that started it)
+    return resource_tracker.getfd()
 
 
 def _open_stdio() -> List[int]:

@@ -10,10 +10,12 @@ When the next one is made.  Making it costs ~1 ms of CPU (the template's
 clone, then the new child's rehearsal); done while the child just started
 runs, it competes with that child for the CPUs.  So when the child taken
 was waiting already (there is idle time between starts), the thread waits
-until it has exited (its pidfd is readable), or until a ``start()`` finds
-no child waiting.  When it was not (starts come back to back), the next
-is made at once.  A ``start()`` that finds a child being made waits for
-it rather than forking a second one beside it.  The core's spare clones
+until it has been reaped (``exited``, from ``Popen.poll``), or until a
+``start()`` finds no child waiting.  When it was not (starts come back to back), the next
+is made at once, and without a rehearsal (it would compete with that
+child for the CPUs, to save time the next start does not leave).  A
+``start()`` that finds a child being made waits for it rather than forking
+a second one beside it.  The core's spare clones
 follow the same rule (``_cloning.py``, "When the next spare is made").
 
 The waiting child is an idle process of ~1 MiB, your child like the
@@ -37,7 +39,7 @@ _TAKE_WAIT = 2.0  # seconds start() waits for the child being made before forkin
 class Warm:
     """One started child, replaced in the background after each is taken."""
 
-    def __init__(self, make: Callable[[], "Child"]) -> None:
+    def __init__(self, make: Callable[..., "Child"]) -> None:
         self._make = weakref.WeakMethod(make)  # the context's; it may be collected
         # Callers use the lock itself in ``with`` (C code: an interrupt lands
         # before or after it, never inside), the condition to wait and notify.
@@ -46,6 +48,7 @@ class Warm:
         self._child: Optional["Child"] = None
         self._wanted = False  # a child is to be made (once ``_after`` has exited)
         self._after: Optional[int] = None  # the pid of the child last taken
+        self._rehearse = True  # whether the next one rehearses (only with idle time to spare)
         self._making = False  # the thread is making one now
         self._generation = 0  # bumped when the template changes: older children are stale
         self._thread: Optional[threading.Thread] = None
@@ -76,26 +79,36 @@ class Warm:
                 discard(child)  # interrupted: nobody else has it now
             raise
 
-    def request(self, after: Optional[int] = None) -> None:
+    def request(self, after: Optional[int] = None, back_to_back: bool = False) -> None:
         """Make a child to wait, unless one is waiting: once ``after`` (a pid) has exited.
 
         Starts that took a child that was waiting already pass it as
         ``after``: there was idle time, the next one can wait for it.  Those
-        that found none (starts back to back) pass None: the next is made
-        at once, while the child just started runs.
+        that found none pass ``back_to_back``: the next is made at once,
+        while the child just started runs, and does not rehearse.
         """
         with self._lock:
             if self._closed:
                 return
             self._after = after
+            self._rehearse = not back_to_back
             if self._thread is None:
                 self._wake = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
                 self._thread = threading.Thread(target=self._loop, name="forkserver-mp-warm", daemon=True)
                 self._thread.start()
-            else:
+            elif after is None:
                 self._kick()
+            # else no wake-up (it would cost this start ~20 us and the GIL):
+            # ``exited(after)`` or the next ``take()`` wakes the thread.
             # Last: an interrupt before it leaves no request nobody serves.
             self._wanted = True
+
+    def exited(self, pid: int) -> None:
+        """``pid`` was reaped: if the next child waits for that, make it now."""
+        with self._lock:
+            if self._after == pid:
+                self._after = None
+                self._kick()
 
     def invalidate(self) -> None:
         """The template changed: discard the waiting child (it is a copy of the old state)."""
@@ -160,18 +173,14 @@ class Warm:
             with self._lock:
                 if self._closed:
                     return
-                after = self._after
-                make = self._wanted and self._child is None and after is None
+                make = self._wanted and self._child is None and self._after is None
                 if make:
                     self._wanted, self._making = False, True
-                    generation = self._generation
+                    generation, rehearse = self._generation, self._rehearse
             if not make:
-                self._sleep(after if self._wanted else None)
-                with self._lock:
-                    if self._after == after:
-                        self._after = None
+                self._sleep()
                 continue
-            child = self._make_one()
+            child = self._make_one(rehearse)
             with self._lock:
                 keep = (child is not None and not self._closed
                         and generation == self._generation and self._child is None)
@@ -183,36 +192,24 @@ class Warm:
                 self._making = False
                 self._cond.notify_all()
 
-    def _sleep(self, after: Optional[int]) -> None:
-        """Until woken -- or, with ``after``, until that process has exited."""
+    def _sleep(self) -> None:
+        """Until woken (``_kick``)."""
         poller = select.poll()
         poller.register(self._wake[0], select.POLLIN)
-        pidfd = -1
-        if after is not None:
-            try:
-                pidfd = os.pidfd_open(after)
-            except OSError:
-                return  # gone (and reaped) already
-            poller.register(pidfd, select.POLLIN)
+        poller.poll()
         try:
-            for fd, _ in poller.poll():
-                if fd == self._wake[0]:
-                    try:
-                        os.read(fd, 4096)
-                    except BlockingIOError:
-                        pass
-        finally:
-            if pidfd >= 0:
-                os.close(pidfd)
+            os.read(self._wake[0], 4096)
+        except BlockingIOError:
+            pass
 
-    def _make_one(self) -> Optional["Child"]:
+    def _make_one(self, rehearse: bool) -> Optional["Child"]:
         make = self._make()
         if make is None:
             with self._lock:
                 self._closed = True
             return None
         try:
-            return make()
+            return make(background=True, rehearse=rehearse)
         except Exception:
             return None  # e.g. the template died: start() forks itself and raises the error
 
