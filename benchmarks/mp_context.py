@@ -40,7 +40,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--preload", default=default_preload(), metavar="MODULE",
                         help="module the children have loaded (default here: %(default)s)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--skip-spawn", action="store_true", help="leave out the slow spawn contender")
+    parser.add_argument("--skip-spawn", action="store_true",
+                        help="leave out the slow spawn contender")
     return parser.parse_args(argv)
 
 

@@ -10,11 +10,13 @@ and expects multiprocessing's resource tracker to run already
 from __future__ import annotations
 
 import contextlib
-import gc
 import dis
-import traceback
+import gc
 import os
 import sys
+import threading
+import time
+import traceback
 from typing import Any, Callable, Dict, Iterator, Set, Tuple
 
 import pytest
@@ -180,7 +182,8 @@ def every_interruption(call: Callable[[], None], check: Callable[[], None], ever
         try:
             check()
         except AssertionError as exc:
-            raise AssertionError(f"after the KeyboardInterrupt {where or 'swallowed'}: {exc}") from None
+            where = where or "swallowed"
+            raise AssertionError(f"after the KeyboardInterrupt {where}: {exc}") from None
         if not raised():
             return injected
     raise AssertionError(f"{call!r} was still interrupted after {limit} line events")
@@ -192,3 +195,41 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+# -- for the tests of every context's parts (test_mp_stdlib*.py) --------------------------------
+
+TIMEOUT = 30.0
+
+
+def join(proc, timeout=TIMEOUT):
+    """Join ``proc`` with a deadline; its exit code."""
+    proc.join(timeout)
+    assert proc.exitcode is not None, f"{proc!r} still runs after {timeout}s"
+    return proc.exitcode
+
+
+def close_queue(q):
+    """Close a multiprocessing queue and wait for its feeder thread."""
+    q.close()
+    q.join_thread()
+
+
+def wait_until(predicate, timeout=TIMEOUT):
+    """True once ``predicate()`` holds, checked every few ms until ``timeout``.
+
+    Only for states nothing signals (how many parties wait at a barrier,
+    what a callback thread appended); everything else waits on its fd.
+    """
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        pause.wait(0.005)
+    return True
+
+
+def readable(q, timeout=TIMEOUT):
+    """Wait until the queue's pipe has data (its feeder thread wrote it)."""
+    return q._reader.poll(timeout)

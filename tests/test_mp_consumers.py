@@ -66,7 +66,8 @@ def _graph():
 
 @pytest.mark.parametrize("kind", ["executor", "pool"])
 def test_dasks_multiprocessing_scheduler_runs_on_a_pool_of_ours(kind):
-    dask = pytest.importorskip("dask")
+    pytest.importorskip("dask")
+    import dask
     import dask.multiprocessing
 
     pool = ProcessPoolExecutor(2, mp_context=CTX) if kind == "executor" else CTX.Pool(2)

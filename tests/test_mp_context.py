@@ -25,11 +25,17 @@ import forkserver
 from forkserver import ClosedError, Template
 from forkserver._reaper import reaper
 
+from . import _mp_probe
 from ._helpers import run_in_child, wait_exitcode
-from .conftest import _describe
 from ._mp_helpers import (  # noqa: F401
-    every_interruption, module_context, mp_no_leaks, mp_tracker, pid_alive, snapshot,
+    every_interruption,
+    module_context,
+    mp_no_leaks,
+    mp_tracker,
+    pid_alive,
+    snapshot,
 )
+from .conftest import _describe
 
 pytestmark = pytest.mark.usefixtures("mp_no_leaks")
 
@@ -171,7 +177,8 @@ def test_a_failing_target_exits_1(ctx, capfd):
     assert "ValueError: a failing target" in capfd.readouterr().err
 
 
-@pytest.mark.parametrize("how, expected", [("terminate", -signal.SIGTERM), ("kill", -signal.SIGKILL)])
+@pytest.mark.parametrize("how, expected",
+                         [("terminate", -signal.SIGTERM), ("kill", -signal.SIGKILL)])
 def test_terminate_and_kill_give_the_signal_as_a_negative_exit_code(ctx, how, expected):
     event = ctx.Event()
     proc = ctx.Process(target=wait_for, args=(event,))
@@ -231,6 +238,25 @@ def test_a_child_has_the_preloaded_modules_without_importing_them(tmp_path, monk
     assert log.read_text().split() == [str(root_pid)]  # imported once: in the template
 
 
+def test_the_template_and_its_children_hold_no_parent_side_module():
+    # Worker-side code must stay lean (DESIGN.md): the context's template
+    # imports our child side and the wire, nothing of the parent's.
+    with forkserver.mp_context(preload=["tests._mp_probe"]) as ctx:
+        ours, theirs = ctx.Pipe()
+        proc = ctx.Process(target=_mp_probe.send_forkserver_modules, args=(theirs,))
+        proc.start()
+        theirs.close()
+        assert ours.poll(TIMEOUT)
+        found = set(ours.recv())
+        ours.close()
+        proc.join(TIMEOUT)
+    parent_side = {"forkserver._template", "forkserver._cloning", "forkserver._default",
+                   "forkserver._reaper", "forkserver._process", "forkserver._boot",
+                   "forkserver._pool._mp", "forkserver._pool._mp_popen", "forkserver._pool._mp_warm"}
+    assert "forkserver._pool._mp_worker" in found
+    assert not found & parent_side, found & parent_side
+
+
 def test_a_failing_preload_raises_at_mp_context_with_its_type():
     with pytest.raises(ModuleNotFoundError, match="no_such_module_here"):
         forkserver.mp_context(preload=["no_such_module_here"])
@@ -259,7 +285,9 @@ def test_a_child_starts_with_the_callers_current_environment(ctx, monkeypatch):
         assert found == {"FS_MP_ADDED": "new", "FS_MP_CHANGED": "after", "FS_MP_REMOVED": None}
 
 
-def test_a_child_starts_in_the_callers_current_directory_with_its_sys_path(ctx, tmp_path, monkeypatch):
+def test_a_child_starts_in_the_callers_current_directory_with_its_sys_path(
+    ctx, tmp_path, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path / "extra"))
     (cwd, path), code = ask(ctx, send_cwd_and_path)

@@ -37,7 +37,8 @@ def _modules():
     try:
         single = importlib.import_module("test.test_concurrent_futures")
     except ImportError:
-        pytest.skip("this Python has no test.test_concurrent_futures (its test suite is not installed)")
+        pytest.skip("this Python has no test.test_concurrent_futures "
+                    "(its test suite is not installed)")
     return [single], single, [single.__name__]
 
 
@@ -55,7 +56,8 @@ def test_cpythons_process_pool_tests_pass_with_our_context(capsys):
     for module in modules:
         for name in dir(module):
             cls = getattr(module, name)
-            if isinstance(cls, type) and issubclass(cls, mixin) and issubclass(cls, unittest.TestCase):
+            if (isinstance(cls, type) and issubclass(cls, mixin)
+                    and issubclass(cls, unittest.TestCase)):
                 for test in loader.loadTestsFromTestCase(cls):
                     if test.id().rsplit(".", 1)[-1] not in EXPECTED_DIFFERENT:
                         suite.addTest(test)

@@ -25,12 +25,14 @@ from . import _cpython_mp
 
 QUICK = ["WithProcessesTestQueue", "WithProcessesTestLock", "WithProcessesTestSemaphore",
          "WithProcessesTestEvent", "WithProcessesTestValue", "WithProcessesTestArray",
-         "WithProcessesTestConnection", "WithProcessesTestPool", "WithProcessesTestSubclassingProcess"]
+         "WithProcessesTestConnection", "WithProcessesTestPool",
+         "WithProcessesTestSubclassingProcess"]
 
 
 def _run(names=None):
     if _cpython_mp._cpython is None:
-        pytest.skip("this Python has no test._test_multiprocessing (its test suite is not installed)")
+        pytest.skip("this Python has no test._test_multiprocessing "
+                    "(its test suite is not installed)")
     ns = vars(_cpython_mp)
     classes = {name: cls for name, cls in ns.items()
                if name.startswith("WithProcesses") and isinstance(cls, type)

@@ -282,7 +282,8 @@ def test_an_idle_worker_is_reused():
         assert len(ex._processes) == 1
 
 
-needs_max_tasks = pytest.mark.skipif(sys.version_info < (3, 11), reason="max_tasks_per_child: 3.11+")
+needs_max_tasks = pytest.mark.skipif(sys.version_info < (3, 11),
+                                     reason="max_tasks_per_child: 3.11+")
 
 
 @needs_max_tasks
@@ -422,7 +423,8 @@ def test_wait_first_completed_all_completed_first_exception():
     with ex:
         slow = ex.submit(wait_event)
         quick = ex.submit(mul, 21, 2)
-        done, not_done = futures.wait([slow, quick], timeout=TIMEOUT, return_when=futures.FIRST_COMPLETED)
+        done, not_done = futures.wait([slow, quick], timeout=TIMEOUT,
+                                      return_when=futures.FIRST_COMPLETED)
         assert done == {quick} and not_done == {slow}
         failing = ex.submit(call, _raise)
         done, not_done = futures.wait([slow, failing], timeout=TIMEOUT,

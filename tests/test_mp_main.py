@@ -43,7 +43,7 @@ def run_three(ctx):
 
 
 def run_script(tmp_path, body, *args, module=None):
-    """Write the script (or module ``module`` of package ``pkg``), run it; (stdout, stderr, marks)."""
+    """Write the script (or ``pkg.<module>``), run it; (stdout, stderr, marks)."""
     mark = tmp_path / "marks"
     source = HEADER + textwrap.dedent(body)
     if module:
@@ -56,7 +56,8 @@ def run_script(tmp_path, body, *args, module=None):
         (tmp_path / "script.py").write_text(source)
         argv = [sys.executable, str(tmp_path / "script.py"), *args]
     env = {**os.environ, "MARK": str(mark)}
-    proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr
     marks = mark.read_text().splitlines() if mark.exists() else []
     return proc.stdout, proc.stderr, marks

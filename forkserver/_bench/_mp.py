@@ -46,7 +46,7 @@ TITLES = {"mp_start": "mp context: Process start + join",
 
 
 def runners(scenario: Callable[..., Any]) -> Dict[str, Callable[[Any], Any]]:
-    """The runners of our scenarios, building results with ``scenario`` (``_scenarios.Scenario``)."""
+    """Our scenarios' runners, building results with ``scenario`` (``_scenarios.Scenario``)."""
     return {"mp_start": lambda bench: mp_start(bench, scenario),
             "mp_big_parent": lambda bench: mp_big_parent(bench, scenario),
             "mp_pool": lambda bench: mp_pool(bench, scenario)}
@@ -74,7 +74,8 @@ def _start_join(bench: Any, ctx: Any, name: str, settle: bool = False) -> Callab
                    _settled(ctx) if settle else None)
 
 
-def _block(once: Callable[[], float], after: Optional[Callable[[], None]] = None) -> Callable[[], float]:
+def _block(once: Callable[[], float],
+           after: Optional[Callable[[], None]] = None) -> Callable[[], float]:
     def block() -> float:
         mean = sum(once() for _ in range(BLOCK)) / BLOCK
         if after is not None:
@@ -91,14 +92,16 @@ def mp_start(bench: Any, scenario: Callable[..., Any]) -> Any:
     s = bench.s
     sc = scenario("mp_start", f"mp context: Process start + join, {s.preload} preloaded", "ms")
     with _our_context(s.preload) as ctx:
-        fork = B.Contender(MP_FORK, _start_join(bench, multiprocessing.get_context("fork"), MP_FORK))
+        fork_ctx = multiprocessing.get_context("fork")
+        fork = B.Contender(MP_FORK, _start_join(bench, fork_ctx, MP_FORK))
         sc.contenders = [
             B.Contender(OURS, _start_join(bench, ctx, OURS, settle=True)),
             B.Contender(MP_FS, _start_join(bench, bench.mp_fs, MP_FS)),
         ]
         back = [B.Contender(f"{OURS}, {BLOCK} back to back", _block(_start_join(bench, ctx, OURS),
                                                                      _settled(ctx))),
-                B.Contender(f"{MP_FS}, {BLOCK} back to back", _block(_start_join(bench, bench.mp_fs, MP_FS)))]
+                B.Contender(f"{MP_FS}, {BLOCK} back to back",
+                            _block(_start_join(bench, bench.mp_fs, MP_FS)))]
         bench.measure(sc.contenders)
         bench.measure(back, rounds=max(1, s.rounds // BLOCK))
         # Alone, after the others: a fork of this process write-protects its
@@ -127,13 +130,14 @@ def mp_big_parent(bench: Any, scenario: Callable[..., Any]) -> Any:
     import multiprocessing
 
     s = bench.s
-    sc = scenario("mp_big_parent", f"mp context: the same from a parent holding {s.parent_gib:g} GiB", "ms")
+    sc = scenario("mp_big_parent",
+                  f"mp context: the same from a parent holding {s.parent_gib:g} GiB", "ms")
     with _our_context(s.preload) as ctx, contextlib.closing(SmallParent(s.preload)) as small:
         ours = B.Contender(OURS, _start_join(bench, ctx, OURS, settle=True))
         here = B.Contender(OURS_SMALL, small.once)
         fs = B.Contender(MP_FS, _start_join(bench, bench.mp_fs, MP_FS))
-        fork = B.Contender(MP_FORK, _start_join(bench, multiprocessing.get_context("fork"), MP_FORK),
-                           s.big_fork_samples)
+        fork_ctx = multiprocessing.get_context("fork")
+        fork = B.Contender(MP_FORK, _start_join(bench, fork_ctx, MP_FORK), s.big_fork_samples)
         sc.contenders = [ours, here, fs, fork]
         bench.progress.status(f"allocating and touching {s.parent_gib:g} GiB")
         ballast = B.ballast(s.parent_gib)
@@ -150,7 +154,7 @@ def mp_big_parent(bench: Any, scenario: Callable[..., Any]) -> Any:
 
 
 class SmallParent(B.Helper):
-    """A small process timing our context's start + join, one sample per request (``_workers``' protocol)."""
+    """A small process timing our context's start + join, a sample per request (as ``_workers``)."""
 
     def __init__(self, preload: str) -> None:
         import subprocess

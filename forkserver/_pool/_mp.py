@@ -67,7 +67,7 @@ class TemplateContext(BaseContext):
         def _Popen(process_obj: Any) -> Popen:
             return Popen(process_obj, context)
 
-        self.Process = type("TemplateProcess", (TemplateProcess,), {  # type: ignore[misc]
+        self.Process = type("TemplateProcess", (TemplateProcess,), {
             "__module__": TemplateProcess.__module__,
             "__doc__": TemplateProcess.__doc__,
             "_per_context": True,
@@ -136,7 +136,7 @@ class TemplateContext(BaseContext):
             if key != self._main and key not in self._main_skipped:
                 self._import_main(key, {k: v for k, v in prep.items() if k in _PREPARE_MAIN})
 
-    def _import_main(self, key: Tuple[str, str], data: dict) -> None:
+    def _import_main(self, key: Optional[Tuple[str, str]], data: dict) -> None:
         """Import the main module into the root; if it cannot be, children import it themselves."""
         root = self._root
         assert root is not None
@@ -236,7 +236,7 @@ class TemplateContext(BaseContext):
             self._warm.request()
 
     def close(self) -> None:
-        """End the template (running children are not affected). Later starts raise ``ClosedError``."""
+        """End the template (running children go on).  Later starts raise ``ClosedError``."""
         with self._lock:
             self._closed = True
             self._warm.close()
@@ -287,7 +287,8 @@ def _main_data() -> Tuple[Optional[Tuple[str, str]], dict]:
     sys_path = list(sys.path)
     if "" in sys_path:
         sys_path[sys_path.index("")] = process.ORIGINAL_DIR
-    data.update(sys_path=sys_path, sys_argv=list(sys.argv), dir=os.getcwd(), orig_dir=process.ORIGINAL_DIR)
+    data.update(sys_path=sys_path, sys_argv=list(sys.argv), dir=os.getcwd(),
+                orig_dir=process.ORIGINAL_DIR)
     return _main_key(data), data
 
 
@@ -355,7 +356,9 @@ def _rebuild(preload: Tuple[str, ...]) -> TemplateContext:
     return TemplateContext(preload)
 
 
-def mp_context(*, preload: Sequence[str] = (), template: Optional["Template"] = None) -> TemplateContext:
+def mp_context(
+    *, preload: Sequence[str] = (), template: Optional["Template"] = None
+) -> TemplateContext:
     """A ``multiprocessing`` context whose processes are forks of a forkserver template.
 
     Pass it wherever a context is taken::

@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 class Popen:
-    """Start ``process_obj`` as a clone of ``context``'s template (``BaseProcess.start`` calls it)."""
+    """Start ``process_obj`` as a clone of ``context``'s template (``BaseProcess.start``)."""
 
     method = "forkserver"  # as get_start_method() (see TemplateContext)
     DupFd = DupFd
@@ -120,7 +120,7 @@ class Popen:
             assert self._child is not None
             self.returncode = self._child.poll()
             if self.returncode is not None:
-                self._context._warm.exited(self.pid)  # the next waiting child may come now
+                self._context._warm.exited(self._child.pid)  # the next waiting child may come
         return self.returncode
 
     def wait(self, timeout: Optional[float] = None) -> Optional[int]:

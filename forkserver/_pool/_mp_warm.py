@@ -94,7 +94,8 @@ class Warm:
             self._rehearse = not back_to_back
             if self._thread is None:
                 self._wake = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-                self._thread = threading.Thread(target=self._loop, name="forkserver-mp-warm", daemon=True)
+                self._thread = threading.Thread(target=self._loop, name="forkserver-mp-warm",
+                                                daemon=True)
                 self._thread.start()
             elif after is None:
                 self._kick()

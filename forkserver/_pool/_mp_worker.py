@@ -39,9 +39,8 @@ import io
 import os
 import select
 import sys
-from typing import Any, List, Optional
-
 from multiprocessing import process, reduction, resource_tracker, spawn, util
+from typing import Any, List, NoReturn, Optional
 
 from .._errors import BrokenChannelError
 from .._fds import FdChannel, drop_reserve
@@ -63,7 +62,7 @@ _rehearsal: Optional[bytes] = None  # a stand-in payload (see set_rehearsal)
 
 
 class DupFd:
-    """An fd the parent passed to this child: ``detach()`` returns it (multiprocessing's protocol)."""
+    """An fd the parent passed to this child: ``detach()`` returns it (multiprocessing's API)."""
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -87,7 +86,8 @@ class TemplateProcess(process.BaseProcess):
     @staticmethod
     def _Popen(process_obj: Any) -> Any:
         raise RuntimeError(
-            f"{process_obj!r} has no forkserver.mp_context(): create processes with ctx.Process(...)"
+            f"{process_obj!r} has no forkserver.mp_context(): "
+            "create processes with ctx.Process(...)"
         )
 
     def __reduce_ex__(self, protocol: Any) -> Any:
@@ -119,7 +119,7 @@ def enter_template() -> None:
 
 
 def set_rehearsal(payload: bytes) -> None:
-    """Keep ``payload`` (preparation data and a process object, pickled) for children to rehearse with."""
+    """Keep ``payload`` (preparation data and a process, pickled): children rehearse with it."""
     global _rehearsal
     _rehearsal = payload
 
@@ -171,7 +171,7 @@ def main(control: Any, rehearse: bool) -> None:
     os._exit(code)
 
 
-def _fail() -> "None":
+def _fail() -> "NoReturn":
     sys.excepthook(*sys.exc_info())
     util._flush_std_streams()
     os._exit(1)
