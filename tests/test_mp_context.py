@@ -205,6 +205,20 @@ def test_the_exit_code_stays_exact_when_the_template_is_killed():
         assert run(ctx, exit_with, 6).exitcode == 6
 
 
+def test_a_status_reaped_by_someone_else_raises_instead_of_a_made_up_code(ctx):
+    from forkserver._wait import ReapedElsewhere
+
+    proc = ctx.Process(target=exit_with, args=(3,))
+    proc.start()
+    assert wait([proc.sentinel], timeout=TIMEOUT)
+    assert os.waitpid(proc.pid, 0)[0] == proc.pid  # "someone else": a waitpid of the user's
+    with pytest.raises(ReapedElsewhere, match="exit status is lost"):
+        proc.join(TIMEOUT)
+    assert isinstance(ReapedElsewhere("x"), forkserver.ForkserverError)
+    multiprocessing.process._children.discard(proc)
+    proc._popen.close()
+
+
 def test_the_sentinel_is_readable_once_the_child_exits_and_stays_valid(ctx):
     event = ctx.Event()
     proc = ctx.Process(target=wait_for, args=(event,))

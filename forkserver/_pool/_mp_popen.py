@@ -50,6 +50,7 @@ class Popen:
         self.sentinel: Optional[int] = None
         self._child: Optional["Child"] = None
         self._context = context
+        self._owner = os.getpid()
         self._fds: List[int] = []
         self._launch(process_obj, context)
 
@@ -113,8 +114,17 @@ class Popen:
     # -- what BaseProcess calls --------------------------------------------------
 
     def poll(self, flag: int = os.WNOHANG) -> Optional[int]:
-        """The exit code if the child has exited (reaping it), else None; ``flag=0`` waits."""
+        """The exit code if the child has exited (reaping it), else None; ``flag=0`` waits.
+
+        Raises ``ReapedElsewhere`` (a ``ForkserverError``) if something else
+        in this process reaped the child (a ``waitpid(-1)``, SIGCHLD
+        ignored): its status is lost, and no code is made up for it.  In a
+        forked copy of this process the child is not ours: None, as
+        ``popen_fork`` answers there.
+        """
         if self.returncode is None:
+            if self._owner != os.getpid():
+                return None
             if flag != os.WNOHANG:
                 return self.wait()
             assert self._child is not None
@@ -127,7 +137,7 @@ class Popen:
         """Wait up to ``timeout`` seconds (None: for ever) for the exit; the exit code or None."""
         if self.returncode is None:
             assert self.sentinel is not None
-            if not wait_readable(self.sentinel, timeout):
+            if self._owner != os.getpid() or not wait_readable(self.sentinel, timeout):
                 return None
             return self.poll()
         return self.returncode
