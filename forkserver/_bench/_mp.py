@@ -85,6 +85,14 @@ def _block(once: Callable[[], float],
     return block
 
 
+def _measure(bench: Any, contenders: List[Any]) -> None:
+    """Interleaved rounds after a longer warm-up than the other scenarios': a quarter of the
+    rounds.  A start path is only at its speed after some tens of starts (the interpreter
+    specialises code that runs often: measured here, the first hundred of ours took 1.2x)."""
+    s = bench.s
+    B.measure(contenders, s.rounds, max(s.warmup, s.rounds // 4), bench.progress.tick)
+
+
 def mp_start(bench: Any, scenario: Callable[..., Any]) -> Any:
     """start + join from this small process, against the standard contexts."""
     import multiprocessing
@@ -102,7 +110,7 @@ def mp_start(bench: Any, scenario: Callable[..., Any]) -> Any:
                                                                      _settled(ctx))),
                 B.Contender(f"{MP_FS}, {BLOCK} back to back",
                             _block(_start_join(bench, bench.mp_fs, MP_FS)))]
-        bench.measure(sc.contenders)
+        _measure(bench, sc.contenders)
         bench.measure(back, rounds=max(1, s.rounds // BLOCK))
         # Alone, after the others: a fork of this process write-protects its
         # memory (the copy-on-write faults would be charged to the next
@@ -142,7 +150,7 @@ def mp_big_parent(bench: Any, scenario: Callable[..., Any]) -> Any:
         bench.progress.status(f"allocating and touching {s.parent_gib:g} GiB")
         ballast = B.ballast(s.parent_gib)
         try:
-            bench.measure([ours, here, fs])
+            _measure(bench, [ours, here, fs])
             with _fork_quietly():  # alone: its copy-on-write faults would hit the others
                 bench.measure([fork], rounds=s.big_fork_samples)
         finally:
