@@ -18,8 +18,9 @@ child for the CPUs, to save time the next start does not leave).  A
 a second one beside it.  The core's spare clones
 follow the same rule (``_cloning.py``, "When the next spare is made").
 
-The waiting child is an idle process of ~1 MiB, your child like the
-others; it exits as soon as its control socket closes (``discard``).
+The waiting child is an idle process of ~2 MiB of its own (USS, numpy
+loaded; its rehearsal copied those pages), your child like the others; it
+exits as soon as its control socket closes (``discard``).
 """
 from __future__ import annotations
 
