@@ -25,6 +25,7 @@ from ._errors import (
 
 if TYPE_CHECKING:
     from ._errors import CalledProcessError
+    from ._pool._mp import mp_context
     from ._process import Child
     from ._programs._run import run_program
     from ._programs._spawn import spawn
@@ -51,6 +52,7 @@ _LAZY = {
     "SupervisorStatus": "._supervise._status",
     "Template": "._template",
     "early": "._template",
+    "mp_context": "._pool._mp",
     "run_program": "._programs._run",
     "spawn": "._programs._spawn",
     "stream": "._programs._stream",
@@ -97,6 +99,7 @@ __all__ = [
     "ThreadedTemplateError",
     "__version__",
     "early",
+    "mp_context",
     "run_program",
     "spawn",
     "stream",

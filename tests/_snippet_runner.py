@@ -24,7 +24,7 @@ def _left_running() -> None:
     import psutil
 
     me = psutil.Process()
-    kids = [p for p in me.children() if _alive(p)]
+    kids = [p for p in me.children() if _alive(p) and not _resource_tracker(p)]
     if not kids:
         return
     _, alive = psutil.wait_procs(kids, timeout=2)  # a worker may be on its way out
@@ -36,6 +36,17 @@ def _left_running() -> None:
             p.kill()
         sys.stderr.flush()
         os._exit(2)
+
+
+def _resource_tracker(proc) -> bool:
+    """multiprocessing's resource tracker: started by any page that uses a multiprocessing
+    context, it is meant to outlive the pages' code and exits when this process does."""
+    import psutil
+
+    try:
+        return "multiprocessing.resource_tracker" in " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
 
 
 def _alive(proc) -> bool:

@@ -26,6 +26,11 @@ EXPECTED = {
     "zygote": {"forkserver run", "forkserver launcher (-IS)", "python script.py",
                "python -IS -c pass"},
     "supervise": {"forkserver.Supervisor", "gunicorn arbiter (sync)"},
+    "mp_start": {"mp_context()", "mp forkserver + preload", "mp fork", "mp spawn",
+                 "mp_context(), 10 back to back", "mp forkserver + preload, 10 back to back"},
+    "mp_big_parent": {"mp_context()", "mp_context(), small parent", "mp forkserver + preload",
+                      "mp fork"},
+    "mp_pool": {"mp_context()", "mp forkserver + preload", "mp fork"},
 }
 
 
@@ -48,8 +53,9 @@ def test_bench_quick_writes_every_scenario_with_positive_numbers(tmp_path, capsy
         for row in scenario["contenders"]:
             _check_row(key, row)
     assert data["machine"]["cpus"] > 0 and data["machine"]["kernel"]
-    # start x2, back to back x2, big parent, exec, USS, start -> ran, first reply, zygote, restart
-    assert len(data["goals"]) == 11 and all("met" in g for g in data["goals"])
+    # start x2, back to back x2, big parent, exec, USS, start -> ran, first reply, zygote, restart;
+    # mp context: start, big parent, pool
+    assert len(data["goals"]) == 14 and all("met" in g for g in data["goals"])
     unmeasured = [g for g in data["goals"] if g["value"] is None]
     if importlib.util.find_spec("gunicorn") is None:  # optional: its goal has no value then
         unmeasured = [g for g in unmeasured if "gunicorn" not in g["goal"]]

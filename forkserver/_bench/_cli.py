@@ -69,7 +69,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        "default rounds/10, at least 3; 0 leaves it out)")
     bench.add_argument("--only", type=_scenarios, metavar="A,B",
                        help="run only these scenarios: start, start_ran, back_to_back, "
-                       "big_parent, exec, idle_uss, first_reply, zygote, supervise")
+                       "big_parent, exec, idle_uss, first_reply, zygote, supervise, mp_start, "
+                       "mp_big_parent, mp_pool")
     bench.add_argument("--check", action="store_true",
                        help="exit with status 1 when a goal is missed (or a contender failed)")
     return bench

@@ -230,13 +230,15 @@ class Helper:
     with the helper's own last words instead of a broken pipe.
     """
 
-    def __init__(self, kind: str, preload: str) -> None:
-        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_workers.py")
+    def __init__(self, kind: str, preload: str, argv: Optional[List[str]] = None) -> None:
+        """``argv``: another program speaking the same line protocol (default: ``_workers.py``)."""
+        if argv is None:
+            script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_workers.py")
+            argv = [sys.executable, script, kind, preload, os.pathsep.join(sys.path)]
         self.kind = kind
         self.errors = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
-            [sys.executable, script, kind, preload, os.pathsep.join(sys.path)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors,
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors,
         )
 
     def once(self) -> float:

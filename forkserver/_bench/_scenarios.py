@@ -14,12 +14,12 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
-from . import _core as B, _latency, _supervise, _zygote
+from . import _core as B, _latency, _mp, _supervise, _zygote
 from ._core import Scenario
 from ._workers import bare_fork, settle, start_and_reap, stop_default_template
 
 SCENARIOS = ("start", "start_ran", "back_to_back", "big_parent", "exec", "idle_uss", "first_reply", "zygote",
-             "supervise")
+             "supervise", *_mp.SCENARIOS)
 BLOCK = 10  # back_to_back: workers per sample, one right after the other
 TRUE = "/bin/true"
 
@@ -232,6 +232,8 @@ RUNNERS.update(start_ran=_latency.start_ran, first_reply=_latency.first_reply, z
                supervise=_supervise.supervise)
 TITLES.update(start_ran="worker start -> ran", first_reply="new template -> first reply",
               zygote="script start via a zygote", supervise="restart latency")
+RUNNERS.update(_mp.runners(Scenario))
+TITLES.update(_mp.TITLES)
 
 
 def run(settings: Settings, progress: B.Progress) -> List[Scenario]:

@@ -1,0 +1,2 @@
+"""A module whose import fails (a preload error)."""
+1 / 0
