@@ -20,7 +20,8 @@ from ._errors import (
 )
 
 if TYPE_CHECKING:
-    from ._errors import CalledProcessError
+    from ._errors import CalledProcessError, WorkerDiedError
+    from ._pool._executor import Executor
     from ._process import Child
     from ._programs._run import run_program
     from ._programs._spawn import spawn
@@ -37,12 +38,14 @@ __version__ = "0.1.0.dev0"
 _LAZY = {
     "CalledProcessError": "._errors",
     "Child": "._process",
+    "Executor": "._pool._executor",
     "Stream": "._programs._stream",
     "Template": "._template",
     "early": "._template",
     "run_program": "._programs._run",
     "spawn": "._programs._spawn",
     "stream": "._programs._stream",
+    "WorkerDiedError": "._errors",
 }
 
 
@@ -67,6 +70,7 @@ __all__ = [
     "CalledProcessError",
     "Child",
     "ClosedError",
+    "Executor",
     "FdTableFullError",
     "ForkserverError",
     "PidfdUnavailableError",
@@ -76,6 +80,7 @@ __all__ = [
     "Stream",
     "Template",
     "ThreadedTemplateError",
+    "WorkerDiedError",
     "__version__",
     "early",
     "run_program",
