@@ -187,3 +187,30 @@ def describe_kept() -> list:
         else:
             out.append(item)
     return out
+
+
+def print_after(seconds: float, text: str) -> None:
+    time.sleep(seconds)
+    print(text, flush=True)
+
+
+def close_control_then_sleep(seconds: float) -> None:
+    """Close this worker's socket to the parent, then keep running (the parent must kill us)."""
+    from forkserver._pool import _executor_worker as W
+
+    os.close(W._w.control.fileno())
+    time.sleep(seconds)
+
+
+def announce_then_work(seconds: float) -> int:
+    """Tell the parent our pid, then work in short steps (a signal is seen within one step).
+
+    A single long ``time.sleep`` would miss a SIGINT that lands between the
+    last check for signals and the sleep's system call (the handler only
+    runs once the sleep ends): the classic race of signals and blocking calls.
+    """
+    event(os.getpid())
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.01)
+    return os.getpid()
