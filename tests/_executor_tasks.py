@@ -214,3 +214,13 @@ def announce_then_work(seconds: float) -> int:
     while time.monotonic() < deadline:
         time.sleep(0.01)
     return os.getpid()
+
+
+def pid_of(_: Any) -> int:
+    return os.getpid()
+
+
+def fail_on_bad(item: str) -> str:
+    if item == "bad":
+        raise ValueError("bad item")
+    return item

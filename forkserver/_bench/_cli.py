@@ -14,8 +14,10 @@ Side-by-side numbers on this machine, in one run (contenders interleaved
 round-robin after a warm-up): worker start -> ran -> reaped with a preloaded
 module (forkserver / multiprocessing forkserver with preload / multiprocessing
 spawn / bare os.fork), the same from a big parent, exec of /bin/true
-(forkserver / subprocess.run / posix_spawn), idle worker USS; then the project
-goals, met or missed.  About 30 s by default (--quick: a few seconds).
+(forkserver / subprocess.run / posix_spawn), idle worker USS, and
+forkserver.Executor against ProcessPoolExecutor and loky (round trip, map of
+small tasks, first result); then the project goals, met or missed.  About a
+minute by default (--quick: a few seconds).
 """
 
 
@@ -60,8 +62,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     bench.add_argument("--spawn-samples", type=int, metavar="K",
                        help="samples of multiprocessing spawn (~200 ms each with numpy; "
                        "default rounds/10, at least 3; 0 leaves it out)")
+    from ._scenarios import SCENARIOS
+
     bench.add_argument("--only", type=_scenarios, metavar="A,B",
-                       help="run only these scenarios: start, back_to_back, big_parent, exec, idle_uss")
+                       help=f"run only these scenarios: {', '.join(SCENARIOS)}")
     return bench
 
 

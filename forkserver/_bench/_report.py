@@ -7,7 +7,7 @@ import sys
 import time
 from typing import List, Optional
 
-from . import _scenarios as S
+from . import _executor, _scenarios as S
 from ._core import MIB, Contender, summary
 
 
@@ -93,6 +93,7 @@ def goals(scenarios: List[S.Scenario], settings: S.Settings) -> List[dict]:
               _ratio(m("exec", S.FS_SPAWN), m("exec", S.SUBPROCESS)), 1.5, "x",
               missing=f"{S.FS_SPAWN} not available yet" if exec_ran else None),
         _goal("idle forkserver worker USS <= 1.5 MiB", m("idle_uss", S.FS), 1.5, "MiB"),
+        *_executor.goals(m, _ratio, _goal),
     ]
 
 

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 from . import _core as B
+from . import _executor
 from ._workers import bare_fork, settle, start_and_reap, stop_default_template
 
-SCENARIOS = ("start", "back_to_back", "big_parent", "exec", "idle_uss")
+SCENARIOS = ("start", "back_to_back", "big_parent", "exec", "idle_uss") + _executor.KEYS
 BLOCK = 10  # back_to_back: workers per sample, one right after the other
 TRUE = "/bin/true"
 
@@ -67,7 +68,7 @@ class Bench:
         from .. import _default
         from .._template import Template
 
-        self.s, self.progress = settings, progress
+        self.s, self.progress, self.stack = settings, progress, stack
         importlib.import_module(settings.preload)  # fails here, loudly, if it is missing
         if _default._default.template is None:  # ours: stop it when done
             stack.callback(stop_default_template)
@@ -234,6 +235,8 @@ RUNNERS = {"start": start, "back_to_back": back_to_back, "big_parent": big_paren
 TITLES = {"start": "worker start -> ran -> reaped", "back_to_back": "workers back to back",
           "big_parent": "the same from a big parent",
           "exec": f"exec {TRUE}", "idle_uss": "idle worker USS"}
+RUNNERS.update(_executor.runners(Scenario))
+TITLES.update(_executor.TITLES)
 
 
 def run(settings: Settings, progress: B.Progress) -> List[Scenario]:

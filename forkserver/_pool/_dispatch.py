@@ -15,6 +15,7 @@ an interrupted caller only delays work, never loses it.
 """
 from __future__ import annotations
 
+import _thread
 import logging
 import os
 import threading
@@ -32,10 +33,12 @@ LOGGER = logging.getLogger("concurrent.futures")  # where Future logs its callba
 class Pool(Loop):
     """The workers, the queue and the I/O thread of one executor."""
 
-    def __init__(self, template: Template, config: dict, *, max_workers: int, min_workers: int,
+    def __init__(self, template: Template, owned: bool, config: dict, *, max_workers: int,
+                 min_workers: int,
                  idle_timeout: Optional[float], load: int, max_tasks: Optional[int],
                  on_event: Optional[Callable[[Any, Any], Any]]) -> None:
-        self.template = template
+        self.template = template  # workers are its forks
+        self.owned = owned  # ours to close at the end
         self.config = config
         self.max_workers, self.min_workers = max_workers, min_workers
         self.idle_timeout, self.load, self.max_tasks = idle_timeout, load, max_tasks
@@ -58,8 +61,11 @@ class Pool(Loop):
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._woken = False
         self._dirty = True  # the loop must recompute its state (I/O thread only)
-        self.thread = threading.Thread(target=self._run, name="forkserver-executor", daemon=True)
-        self.thread.start()
+        # A bare thread: Thread.start() would wait until the new thread runs,
+        # which on a busy machine can take milliseconds of a fresh
+        # executor's first result; nothing here needs to wait for it.
+        self.thread_id: Optional[int] = None  # set by the thread itself
+        _thread.start_new_thread(self._run, ())
 
     # -- the callers' side -----------------------------------------------------------
 
@@ -109,7 +115,7 @@ class Pool(Loop):
 
     def wait_finished(self, timeout: Optional[float] = None) -> bool:
         """Wait until every task is done and every worker reaped (False on timeout)."""
-        if threading.current_thread() is self.thread:
+        if threading.get_ident() == self.thread_id:
             return False  # a callback or on_event of ours: waiting here would never end
         return self.finished.wait(timeout)
 
@@ -242,23 +248,25 @@ class Pool(Loop):
 
     def after_fork_child(self) -> None:
         """In an ``os.fork()`` child: the I/O thread is gone; close our copies of the fds."""
-        self.lock = threading.Lock()
-        for worker in self.procs.values():
-            if worker.sock is not None:
-                worker.sock.close()
-                worker.sock = None
-            if worker.pidfd is not None:
-                os.close(worker.pidfd)
-                worker.pidfd = None
-        for collection in (self.workers, self.procs, self.starts):
-            collection.clear()
-        self.idle.clear()
-        self.busy.clear()
-        for fd in (self._wake_r, self._wake_w):
-            os.close(fd)
-        self._woken = True  # never write to the closed pipe
-        self.finished = threading.Event()
-        self.finished.set()
+        self.lock = threading.Lock()  # another thread may have held it at the fork
+        self.changed = threading.Condition(self.lock)
+        if not self.finished.is_set():
+            for worker in self.procs.values():
+                if worker.sock is not None:
+                    worker.sock.close()
+                    worker.sock = None
+                if worker.pidfd is not None:
+                    os.close(worker.pidfd)
+                    worker.pidfd = None
+            for collection in (self.workers, self.procs, self.starts):
+                collection.clear()
+            self.idle.clear()
+            self.busy.clear()
+            self._woken = True  # never write to the pipe closed here
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
+            self.finished = threading.Event()
+            self.finished.set()
         self.broken = BrokenProcessPool(
             f"this executor belongs to process {self.owner}; os.fork() does not copy its workers: "
             "create a new Executor in this process")

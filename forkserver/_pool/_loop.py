@@ -17,6 +17,7 @@ import logging
 import os
 import pickle
 import select
+import threading
 import time
 from concurrent.futures import InvalidStateError
 from concurrent.futures.process import BrokenProcessPool
@@ -24,6 +25,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .. import _protocol as P
 from .._errors import WorkerDiedError
+from .._fds import set_name as set_thread_name
 from .._wait import wait_readable
 from . import _executor_worker as W
 from ._workers import Start, Task, Worker, describe_exit
@@ -45,6 +47,8 @@ class Loop:
     FAIL_QUEUED = 101  # the same for a task that never ran (it may have been cancelled)
 
     def _run(self) -> None:
+        self.thread_id = threading.get_ident()
+        set_thread_name(b"fs:executor")
         poller = select.poll()
         watched: Dict[int, int] = {}
         deadline: Optional[float] = None
@@ -362,7 +366,8 @@ class Loop:
             wait_readable(worker.pidfd, EXIT_GRACE)
             worker.reap()
         try:
-            self.template.close()
+            if self.owned:
+                self.template.close()
         finally:
             with self.lock:
                 self._woken = True  # wake() writes no more: the pipe is closed

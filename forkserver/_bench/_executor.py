@@ -1,0 +1,209 @@
+"""The executor scenarios of ``python -m forkserver bench`` (parent side).
+
+forkserver.Executor against ``ProcessPoolExecutor`` (forkserver and fork
+contexts) and loky (when installed), workers with the preload module loaded
+(``_executor_tasks`` imports it):
+
+* ``executor_rt``: ``submit(noop).result()`` round trip (mean of a block).
+* ``executor_map``: ``map(ident, range(N), chunksize=1)`` with two workers.
+* ``executor_first``: a fresh executor's first result, template warm; then
+  the same from a parent holding ``parent_gib`` GiB (``fork`` copies it).
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib
+import os
+import time
+import warnings
+from typing import Any, Callable, List, Optional
+
+from . import _core as B
+
+RT_BLOCK = 20  # round trips per sample
+MAP_TASKS = 10_000
+WORKERS = 2
+TASKS = "forkserver._bench._executor_tasks"
+FS, PPE_FS, PPE_FORK, LOKY = ("forkserver.Executor", "PPE, forkserver context",
+                             "PPE, fork context", "loky")
+FS_BIG, PPE_FORK_BIG = "forkserver.Executor, big parent", "PPE fork, big parent"
+KEYS = ("executor_rt", "executor_map", "executor_first")
+TITLES = {"executor_rt": "executor round trip", "executor_map": "executor map, small tasks",
+          "executor_first": "executor first result"}
+
+
+def _loky() -> Any:
+    try:
+        return importlib.import_module("loky")
+    except ImportError:
+        return None
+
+
+def _stop_loky_tracker() -> None:
+    """Stop and reap loky's resource tracker: we leave no child behind.  Private API: best effort."""
+    with contextlib.suppress(Exception):
+        from loky.backend import resource_tracker
+
+        resource_tracker._resource_tracker._stop()
+
+
+@contextlib.contextmanager
+def _quiet_fork():
+    with warnings.catch_warnings():  # 3.12+: "multi-threaded, use of fork()"
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
+class Executors:
+    """The long-lived executors of the round-trip and map scenarios (two workers each)."""
+
+    def __init__(self, bench: Any, stack: contextlib.ExitStack) -> None:
+        from concurrent.futures import ProcessPoolExecutor
+
+        from .._pool._executor import Executor
+        from .._template import Template
+        import multiprocessing
+
+        os.environ["FORKSERVER_BENCH_PRELOAD"] = bench.s.preload  # for the workers' import
+        self.tasks = importlib.import_module(TASKS)
+        self.tpl = stack.enter_context(Template().require(bench.s.preload, TASKS))
+        self.pools = {FS: Executor(WORKERS, template=self.tpl)}
+        with _quiet_fork():
+            self.pools[PPE_FS] = ProcessPoolExecutor(WORKERS, mp_context=bench.mp_fs)
+            self.pools[PPE_FORK] = ProcessPoolExecutor(
+                WORKERS, mp_context=multiprocessing.get_context("fork"))
+        loky = _loky()
+        if loky is not None:
+            stack.callback(_stop_loky_tracker)  # last: after every loky executor has stopped
+            self.pools[LOKY] = loky.ProcessPoolExecutor(WORKERS)
+        for pool in self.pools.values():
+            stack.callback(pool.shutdown)
+        with _quiet_fork():
+            for pool in self.pools.values():  # every worker up and warm
+                list(pool.map(self.tasks.ident, range(200)))
+
+    def contenders(self, sampler: Callable[[Any], Callable[[], float]], limit=None) -> List[B.Contender]:
+        out = [B.Contender(name, sampler(pool), limit) for name, pool in self.pools.items()]
+        if LOKY not in self.pools:
+            out.append(B.Contender(LOKY, None, note="not installed (pip install 'forkserver[bench]')"))
+        return out
+
+
+def runners(scenario: Callable[..., Any]) -> dict:
+    """The scenario runners, ``runner(bench)``; ``scenario`` makes their result objects."""
+
+    def shared(bench: Any) -> Executors:
+        if getattr(bench, "executors", None) is None:
+            bench.executors = Executors(bench, bench.stack)
+        return bench.executors
+
+    return {
+        "executor_rt": lambda bench: executor_rt(bench, shared(bench), scenario),
+        "executor_map": lambda bench: executor_map(bench, shared(bench), scenario),
+        "executor_first": lambda bench: executor_first(bench, shared(bench), scenario),
+    }
+
+
+def executor_rt(bench: Any, executors: Executors, Scenario: Callable[..., Any]) -> Any:
+    noop = executors.tasks.noop
+
+    def sampler(pool: Any) -> Callable[[], float]:
+        def once() -> float:
+            t0 = time.perf_counter()
+            for _ in range(RT_BLOCK):
+                pool.submit(noop).result(B.TIMEOUT)
+            return (time.perf_counter() - t0) / RT_BLOCK * 1e6
+        return once
+
+    sc = Scenario("executor_rt", "executor: submit(noop).result() round trip", "us")
+    sc.contenders = executors.contenders(sampler)
+    bench.measure(sc.contenders)
+    sc.notes.append(f"{WORKERS} workers each, {bench.s.preload} loaded; "
+                    f"a sample is the mean of {RT_BLOCK} round trips")
+    return sc
+
+
+def executor_map(bench: Any, executors: Executors, Scenario: Callable[..., Any]) -> Any:
+    ident = executors.tasks.ident
+    n = MAP_TASKS if bench.s.rounds >= 100 else MAP_TASKS // 5
+
+    def sampler(pool: Any) -> Callable[[], float]:
+        def once() -> float:
+            t0 = time.perf_counter()
+            for _ in pool.map(ident, range(n), chunksize=1):
+                pass
+            return (time.perf_counter() - t0) * 1e3
+        return once
+
+    sc = Scenario("executor_map", f"executor: map(ident, range({n}), chunksize=1)", "ms")
+    sc.contenders = executors.contenders(sampler)
+    bench.measure(sc.contenders, rounds=max(3, bench.s.rounds // 20))
+    for c in sc.contenders:
+        if c.samples:
+            sc.notes.append(f"{c.name}: {n / (sorted(c.samples)[len(c.samples) // 2] / 1e3):,.0f} tasks/s")
+    return sc
+
+
+def executor_first(bench: Any, executors: Executors, Scenario: Callable[..., Any]) -> Any:
+    """A fresh executor, its first result; template (or parent) with the preload module warm."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
+    from .._pool._executor import Executor
+    from ._workers import settle
+
+    noop, tpl, s = executors.tasks.noop, executors.tpl, bench.s
+
+    def first(make: Callable[[], Any], after: Optional[Callable[[], None]] = None) -> Callable[[], float]:
+        def once() -> float:
+            t0 = time.perf_counter()
+            with _quiet_fork():
+                pool = make()
+                pool.submit(noop).result(B.TIMEOUT)
+            elapsed = time.perf_counter() - t0
+            pool.shutdown(wait=True)
+            if after is not None:
+                after()
+            return elapsed * 1e3
+        return once
+
+    fork = multiprocessing.get_context("fork")
+    ours = first(lambda: Executor(template=tpl), lambda: settle(tpl))
+    ppe_fork = first(lambda: ProcessPoolExecutor(mp_context=fork))
+    sc = Scenario("executor_first", "executor: first result from a fresh executor", "ms")
+    small = [B.Contender(FS, ours),
+             B.Contender(PPE_FS, first(lambda: ProcessPoolExecutor(mp_context=bench.mp_fs)),
+                         max(3, s.rounds // 10)),
+             B.Contender(PPE_FORK, ppe_fork)]
+    loky = _loky()
+    if loky is not None:
+        small.append(B.Contender(LOKY, first(lambda: loky.ProcessPoolExecutor()), max(2, s.spawn_samples // 4)))
+    else:
+        small.append(B.Contender(LOKY, None, note="not installed (pip install 'forkserver[bench]')"))
+    big = [B.Contender(FS_BIG, ours), B.Contender(PPE_FORK_BIG, ppe_fork)]
+    sc.contenders = small + big
+    rounds = max(5, s.rounds // 4)
+    bench.measure(small, rounds=rounds)
+    bench.progress.status(f"allocating and touching {s.parent_gib:g} GiB")
+    ballast = B.ballast(s.parent_gib)
+    try:
+        bench.measure(big, rounds=rounds)
+    finally:
+        del ballast
+        gc.collect()
+    sc.notes.append(f"{PPE_FS}: its server preloads {s.preload}; a worker is forked from it")
+    sc.notes.append(f"big parent: this process holding {s.parent_gib:g} GiB more")
+    return sc
+
+
+def goals(median: Callable[[str, str], Optional[float]], ratio: Callable, goal: Callable) -> list:
+    """The executor goals of DESIGN.md, from this run's medians."""
+    return [
+        goal(f"executor round trip >= 4x faster than {PPE_FS}",
+             ratio(median("executor_rt", PPE_FS), median("executor_rt", FS)), 4.0, "x", at_least=True),
+        goal(f"executor map, 2 workers, >= 4x {PPE_FS}'s throughput",
+             ratio(median("executor_map", PPE_FS), median("executor_map", FS)), 4.0, "x", at_least=True),
+        goal("executor first result <= 3 ms", median("executor_first", FS), 3.0, "ms"),
+        goal("executor first result, big parent <= 3 ms", median("executor_first", FS_BIG), 3.0, "ms"),
+    ]
