@@ -168,8 +168,10 @@ def keep(obj: Any) -> None:
 
 
 def wait_on_kept() -> int:
-    """Block until the kept fd is readable (the test writes to its pipe); our pid."""
-    return wait_for_fd(KEPT)
+    """Block until the kept fd (a pipe) has a byte for us; take it; our pid."""
+    wait_for_fd(KEPT)
+    os.read(KEPT, 1)
+    return os.getpid()
 
 
 def keep_all(*items: Any) -> None:
@@ -224,3 +226,12 @@ def fail_on_bad(item: str) -> str:
     if item == "bad":
         raise ValueError("bad item")
     return item
+
+
+def wait_on_kept_arg(_: Any) -> int:
+    """map(): consume one byte of the kept pipe, then report our pid."""
+    import select
+
+    select.select([KEPT], [], [])
+    os.read(KEPT, 1)
+    return os.getpid()

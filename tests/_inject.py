@@ -6,12 +6,18 @@ at the n-th "line" trace event of this thread whose code lives under
 ``probe.where`` where it struck.  A test runs n = 1, 2, ... until the call
 finishes without it firing, and checks its invariants after each run.
 
-One trace event is not a place a real Ctrl-C can strike: since Python 3.10
-(bpo-29988) the interpreter checks for signals nowhere between the end of a
-``with`` block and the call of its ``__exit__``, but a trace function sees
-a second "line" event on the ``with`` line there (coming back up from the
-block).  Raising at it would skip ``__exit__`` (a lock left held), which no
-signal can do, so those events are passed over.
+Two kinds of trace events are not places a real Ctrl-C can strike, and are
+passed over, since raising at them skips a ``with`` block's ``__exit__`` (a
+lock left held) where no signal can:
+
+* since Python 3.10 (bpo-29988) the interpreter checks for signals nowhere
+  between the end of a ``with`` block and the call of its ``__exit__``, but
+  a trace function sees a second "line" event on the ``with`` line there
+  (coming back up from the block);
+* the line event of a ``try:`` line: its instruction is a no-op, where no
+  signal is checked, and since 3.11 it lies outside the enclosing ``with``'s
+  exception-table range (an exception raised there skips ``__exit__``;
+  checked on 3.9-3.13).
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ class ctrl_c_at:
     def _call(self, frame: Any, event: str, arg: Any) -> Any:
         if self.fired or not frame.f_code.co_filename.startswith(self.package_dir):
             return None  # no tracing of this frame's lines
+        self._previous[id(frame)] = -1  # a new frame (an id may be reused)
         return self._line
 
     def _line(self, frame: Any, event: str, arg: Any) -> Any:
@@ -40,8 +47,11 @@ class ctrl_c_at:
         line = frame.f_lineno
         before = self._previous.get(id(frame), -1)
         self._previous[id(frame)] = line
-        if before > line and _opens_with_block(frame.f_code.co_filename, line):
+        source = linecache.getline(frame.f_code.co_filename, line).lstrip()
+        if before > line and source.startswith(("with ", "async with ")):
             return self._line  # on the way into __exit__: no signal is checked there
+        if source.startswith("try:"):
+            return self._line  # a no-op: no signal is checked there
         self.seen += 1
         if self.seen == self.n:
             self.fired = True
@@ -55,7 +65,3 @@ class ctrl_c_at:
 
     def __exit__(self, *exc: object) -> None:
         sys.settrace(None)
-
-
-def _opens_with_block(filename: str, line: int) -> bool:
-    return linecache.getline(filename, line).lstrip().startswith(("with ", "async with "))

@@ -286,7 +286,7 @@ def test_workers_start_on_demand_up_to_max_workers(no_leaks):
             assert live_workers(ex) == 0
             blocked = [ex.submit(T.wait_on_kept) for _ in range(10)]
             assert ex._pool.wait_until(lambda p: len(p.procs) == 3, WAIT)
-            os.write(w, b"go")
+            os.write(w, b"x" * 10)
             assert len({f.result(WAIT) for f in blocked}) == 3
             assert live_workers(ex) == 3
     finally:
@@ -319,7 +319,7 @@ def test_load_gives_a_worker_that_many_tasks_at_once(no_leaks):
             blocked = [ex.submit(T.wait_on_kept) for _ in range(3)]
             assert ex._pool.wait_until(
                 lambda p: sum(len(x.inflight) for x in p.procs.values()) == 3, WAIT)
-            os.write(w, b"go")
+            os.write(w, b"x" * 3)
             assert len({f.result(WAIT) for f in blocked}) == 1
     finally:
         os.close(r)
@@ -394,3 +394,54 @@ def test_a_future_is_a_concurrent_futures_future(ex):
     assert isinstance(future, Future)
     assert isinstance(ex, __import__("concurrent.futures").futures.Executor)
     assert future.result(WAIT) == 1
+
+
+# -- map -----------------------------------------------------------------------------------
+
+
+def test_map_streams_two_calls_per_worker_while_submit_keeps_to_load(no_leaks):
+    r, w = os.pipe()
+    try:
+        with Template() as tpl, Executor(1, template=tpl.send_fh(r), initializer=T.keep) as ex:
+            results = ex.map(T.wait_on_kept_arg, range(4))
+            assert ex._pool.wait_until(
+                lambda p: sum(len(x.inflight) for x in p.procs.values()) == 2, WAIT)
+            assert len(ex._pool.queue) == 2
+            os.write(w, b"x" * 4)
+            assert len(set(results)) == 1  # one worker ran them all
+            blocked = [ex.submit(T.wait_on_kept) for _ in range(2)]
+            assert ex._pool.wait_until(lambda p: len(p.queue) == 1, WAIT)  # load=1 for submit
+            os.write(w, b"x" * 2)
+            assert [f.result(WAIT) for f in blocked] == [blocked[0].result()] * 2
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_map_fails_an_unpicklable_call_in_its_place(ex):
+    results = ex.map(T.ident, [1, lambda: None, 3])
+    assert next(results) == 1
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+        next(results)
+
+
+def test_closing_the_map_iterator_cancels_the_calls_not_started(no_leaks):
+    with Executor(1) as ex:
+        results = ex.map(T.sleep_then, [0.2] * 6, range(6))
+        assert next(results) == 0
+        results.close()
+        queued = list(ex._pool.queue)
+        assert queued and all(task.cancelled() for task in queued)
+        assert ex.submit(T.ident, "after").result(WAIT) == "after"
+
+
+def test_map_with_chunks_and_several_iterables_matches_the_builtin(ex):
+    assert list(ex.map(T.mul, range(50), range(50, 100), chunksize=7)) == \
+        [a * b for a, b in zip(range(50), range(50, 100))]
+
+
+def test_map_with_on_event_gives_on_event_real_futures(no_leaks):
+    seen = []
+    with Executor(1, on_event=lambda future, obj: seen.append(type(future))) as ex:
+        assert list(ex.map(T.events, [1, 2])) == ["done", "done"]
+    assert seen == [Future] * 3

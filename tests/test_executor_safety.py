@@ -55,7 +55,7 @@ def _wait_gone(pid: int, timeout: float = WAIT) -> bool:
 # -- Ctrl-C at every line ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["to an idle worker", "into the queue"])
+@pytest.mark.parametrize("path", ["to an idle worker", "into the queue", "map"])
 def test_ctrl_c_at_any_line_of_submit_leaves_the_executor_consistent(path, no_leaks):
     r, w = os.pipe()
     ex = Executor(1, initializer=T.keep, template=forkserver.Template().send_fh(r))
@@ -68,7 +68,10 @@ def test_ctrl_c_at_any_line_of_submit_leaves_the_executor_consistent(path, no_le
         while True:
             with ctrl_c_at(n, PACKAGE) as probe:
                 try:
-                    ex.submit(T.ident, n)
+                    if path == "map":
+                        assert list(ex.map(T.ident, range(3))) == [0, 1, 2]
+                    else:
+                        ex.submit(T.ident, n)
                 except KeyboardInterrupt:
                     pass
             if not probe.fired:
@@ -79,7 +82,7 @@ def test_ctrl_c_at_any_line_of_submit_leaves_the_executor_consistent(path, no_le
             n += 1
         assert fired >= 5  # it really got into our code
         if blocker is not None:
-            os.write(w, b"go")
+            os.write(w, b"x")
             blocker.exception(WAIT)
             assert ex.submit(T.ident, "next").result(WAIT) == "next"
     finally:

@@ -21,7 +21,7 @@ from typing import Any, Callable, List, Optional
 
 from . import _core as B
 
-RT_BLOCK = 20  # round trips per sample
+RT_BLOCK = 100  # round trips per sample: the first ones after a pause pay the CPUs' wake-ups
 MAP_TASKS = 10_000
 WORKERS = 2
 TASKS = "forkserver._bench._executor_tasks"

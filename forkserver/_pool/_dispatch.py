@@ -28,6 +28,7 @@ from ._loop import Action, Loop
 from ._workers import Start, Task, Worker
 
 LOGGER = logging.getLogger("concurrent.futures")  # where Future logs its callbacks' errors
+MAP_LOAD = 2  # calls of map() a worker holds at once (at least; more with load=)
 
 
 class Pool(Loop):
@@ -42,6 +43,7 @@ class Pool(Loop):
         self.config = config
         self.max_workers, self.min_workers = max_workers, min_workers
         self.idle_timeout, self.load, self.max_tasks = idle_timeout, load, max_tasks
+        self.map_load = max(load, MAP_LOAD)  # map()'s calls stream: see _map.py
         self.on_event = on_event
         self.owner = os.getpid()
         self.lock = threading.Lock()
@@ -49,7 +51,7 @@ class Pool(Loop):
         self.workers: Dict[int, Worker] = {}  # socket fd -> worker whose socket is open
         self.procs: Dict[int, Worker] = {}  # pidfd -> every worker not reaped yet
         self.idle: List[Worker] = []  # accepting workers with nothing in flight, last used last
-        self.busy: List[Worker] = []  # accepting workers with tasks in flight (load > 1)
+        self.busy: List[Worker] = []  # accepting workers with tasks in flight
         self.starts: Dict[int, Start] = {}  # socket fd -> a worker being forked
         self.writing: Optional[Worker] = None  # a caller writes to it (see _poison)
         self.broken: Optional[BrokenProcessPool] = None
@@ -76,12 +78,7 @@ class Pool(Loop):
                 self._poison(self.writing)
             if self.broken is not None or self.shutdown:
                 self._check_open()
-            worker = None
-            if not self.queue:
-                if self.idle:
-                    worker = self.idle[-1]  # the last one used: its caches are warm
-                elif self.load > 1:
-                    worker = self._least_loaded()
+            worker = None if self.queue else self._worker_for(task)
             if worker is None:
                 self.queue.append(task)
                 if self.idle or len(self.workers) + len(self.starts) < self.max_workers:
@@ -96,6 +93,35 @@ class Pool(Loop):
             self.writing = None
             if worker.out:
                 self.wake()  # the loop waits for the socket to take the rest
+
+    def submit_many(self, tasks: List[Task]) -> None:
+        """``submit`` for many tasks under one lock (``Executor.map``)."""
+        if not tasks:
+            return
+        with self.lock:
+            if self.writing is not None:
+                self._poison(self.writing)
+            if self.broken is not None or self.shutdown:
+                self._check_open()
+            start = 0
+            if not self.queue:
+                while start < len(tasks):
+                    task = tasks[start]
+                    worker = self._worker_for(task)
+                    if worker is None:
+                        break
+                    start += 1
+                    task.future.set_running_or_notify_cancel()
+                    self.writing = worker  # see submit()
+                    self._assign(worker, task)
+                    worker.write(task.chunks)
+                    self.writing = None
+                    if worker.out:
+                        self.wake()
+            if start < len(tasks):
+                self.queue.extend(tasks[start:] if start else tasks)
+                if self.idle or len(self.workers) + len(self.starts) < self.max_workers:
+                    self.wake()
 
     def _check_open(self) -> None:  # lock held
         if self.broken is not None:
@@ -142,12 +168,23 @@ class Pool(Loop):
 
     # -- scheduling (lock held) ---------------------------------------------------
 
-    def _least_loaded(self) -> Optional[Worker]:
-        """With ``load`` > 1: the busy worker with the fewest tasks, if it may take one more."""
-        if not self.busy:
+    def _worker_for(self, task: Task, prefer: Optional[Worker] = None) -> Optional[Worker]:
+        """The least-loaded worker that may take ``task`` now, or None.
+
+        An idle one first (the last one used: its caches are warm), then,
+        up to the task's limit (``load``, or ``map_load`` for map calls), the
+        busy one with the fewest tasks -- ``prefer`` (the worker that just
+        answered) if it has room.
+        """
+        if self.idle:
+            return self.idle[-1]
+        limit = self.map_load if task.streamed else self.load
+        if limit == 1 or not self.busy:
             return None
+        if prefer is not None and prefer.accepting and len(prefer.inflight) < limit:
+            return prefer
         best = min(self.busy, key=lambda w: len(w.inflight))
-        return best if len(best.inflight) < self.load else None
+        return best if len(best.inflight) < limit else None
 
     def _assign(self, worker: Worker, task: Task) -> None:
         inflight = worker.inflight
@@ -157,8 +194,7 @@ class Pool(Loop):
                 idle.pop()
             else:
                 idle.remove(worker)
-            if self.load > 1:
-                self.busy.append(worker)
+            self.busy.append(worker)
         inflight.append(task)
         worker.sent += 1
         if self.max_tasks is not None and worker.sent >= self.max_tasks:
@@ -172,18 +208,13 @@ class Pool(Loop):
         if worker in self.busy:
             self.busy.remove(worker)
 
-    def _dispatch(self) -> None:
-        """Give queued tasks to the workers that may take them."""
+    def _dispatch(self, prefer: Optional[Worker] = None) -> None:
+        """Give queued tasks to the workers that may take them (``prefer``: see _worker_for)."""
         queue = self.queue
         while queue:
-            if self.idle:
-                worker = self.idle[-1]
-            elif self.load == 1:
+            worker = self._worker_for(queue[0], prefer)
+            if worker is None:
                 return
-            else:
-                worker = self._least_loaded()
-                if worker is None:
-                    return
             task = queue.popleft()
             if not task.future.set_running_or_notify_cancel():
                 continue  # cancelled while it waited

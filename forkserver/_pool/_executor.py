@@ -12,6 +12,7 @@ import itertools
 import os
 import pickle
 import sys
+import time
 import weakref
 from concurrent.futures import Executor as _StdExecutor
 from concurrent.futures import Future
@@ -19,7 +20,9 @@ from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, 
 
 from .._template import Template
 from . import _executor_worker as W
+from . import _map
 from ._dispatch import Pool
+from ._map import MapTask, Results
 from ._workers import Task
 
 __all__ = ["Executor"]
@@ -118,25 +121,32 @@ class Executor(_StdExecutor):
         ``RuntimeError`` after ``shutdown()``, ``BrokenProcessPool`` once
         the executor is broken.
         """
+        self._check_open()
+        future: Future = Future()
+        task_id = next(self._ids) & 0xFFFFFFFF
+        try:
+            chunks = self._encode(fn, args, kwargs, task_id)
+        except Exception as exc:  # unpicklable: this future fails, nothing else
+            future.set_exception(exc)
+            return future
+        self._pool.submit(Task(future, chunks, task_id, fn))
+        return future
+
+    def _check_open(self) -> None:
         if _exiting:
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
         pool = self._pool
         if pool.shutdown or pool.broken is not None:
             with pool.lock:
                 pool._check_open()
-        future: Future = Future()
-        task_id = next(self._ids) & 0xFFFFFFFF
-        try:
-            if args:
-                args = tuple([W.big(a) for a in args])
-            if getattr(fn, "__module__", None) == "__main__":
-                self._check_main(fn)
-            chunks = W.encode(W.CALL, task_id, (fn, args, kwargs))
-        except Exception as exc:  # unpicklable: this future fails, nothing else
-            future.set_exception(exc)
-            return future
-        pool.submit(Task(future, chunks, task_id, fn))
-        return future
+
+    def _encode(self, fn: Any, args: tuple, kwargs: dict, task_id: int) -> List[Any]:
+        """The frame of a call (raises what pickling raises)."""
+        if args:
+            args = tuple([W.big(a) for a in args])
+        if getattr(fn, "__module__", None) == "__main__":
+            self._check_main(fn)
+        return W.encode(W.CALL, task_id, (fn, args, kwargs))
 
     def _check_main(self, fn: Any) -> None:
         if self._main is None and not self._main_ok:
@@ -151,15 +161,38 @@ class Executor(_StdExecutor):
 
         As ``ProcessPoolExecutor.map``: every call is submitted at once;
         ``timeout`` (seconds, from this call) raises ``TimeoutError`` from the
-        iterator; ``chunksize`` > 1 sends the calls in batches of that many.
+        iterator; a call's exception is raised at its place; ``chunksize`` > 1
+        sends the calls in batches of that many.  Closing the iterator early
+        cancels the calls that have not started.
         """
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
-        if chunksize == 1:
-            return super().map(fn, *iterables, timeout=timeout)
-        results = super().map(functools.partial(W.process_chunk, fn),
-                              _batched(zip(*iterables), chunksize), timeout=timeout)
-        return _flatten(results)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._pool.on_event is not None:  # on_event gets real futures
+            if chunksize == 1:
+                return super().map(fn, *iterables, timeout=timeout)
+            return _flatten(super().map(functools.partial(W.process_chunk, fn),
+                                        _batched(zip(*iterables), chunksize), timeout=timeout))
+        self._check_open()
+        calls: Iterable[tuple] = zip(*iterables)
+        sent = fn
+        if chunksize > 1:
+            sent = functools.partial(W.process_chunk, fn)
+            calls = ((chunk,) for chunk in _batched(calls, chunksize))
+        shared = Results()
+        tasks, ready = [], []
+        for args in calls:
+            task_id = next(self._ids) & 0xFFFFFFFF
+            try:
+                task = MapTask(self._encode(sent, args, {}, task_id), task_id, fn, shared)
+                ready.append(task)
+            except Exception as exc:  # unpicklable: that call fails, in its place
+                task = MapTask([], task_id, fn, shared)
+                task.set_exception(exc)
+            tasks.append(task)
+        self._pool.submit_many(ready)
+        results = _map.iterate(tasks, deadline)
+        return _flatten(results) if chunksize > 1 else results
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Accept no more tasks; the workers exit once the queued and running tasks are done.

@@ -139,7 +139,7 @@ class Loop:
             if n == 0:
                 self._eof(worker)
             if self.queue:
-                self._dispatch()
+                self._dispatch(worker)
         return True
 
     def _on_frame(self, worker: Worker, frame: W.Frame, actions: List[Action]) -> bool:
@@ -157,8 +157,7 @@ class Loop:
         if not inflight:
             worker.idle_since = time.monotonic()
             if worker.accepting:
-                if self.load > 1:
-                    self.busy.remove(worker)
+                self.busy.remove(worker)
                 self.idle.append(worker)
             if not worker.accepting or self.shutdown or self.idle_timeout is not None:
                 self._dirty = True  # to stop it, or a deadline to set

@@ -27,6 +27,7 @@ class Task:
     """A submitted call: its future, its encoded frame, and the callable (for error messages)."""
 
     __slots__ = ("future", "chunks", "task_id", "fn")
+    streamed = False  # a call of map(): see _map.py
 
     def __init__(self, future: Any, chunks: List[Any], task_id: int, fn: Any) -> None:
         self.future = future
