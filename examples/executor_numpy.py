@@ -56,7 +56,8 @@ def main(argv=None) -> int:
     # under its module name (this directory is on sys.path, which templates adopt).
     import executor_numpy as me
 
-    setup = "import executor_numpy as m, numpy; m.WEIGHTS = numpy.random.default_rng(0).random(args[0])"
+    setup = ("import executor_numpy as m, numpy; "
+             "m.WEIGHTS = numpy.random.default_rng(0).random(args[0])")
     progress = []
     with forkserver.Template().require("numpy", "executor_numpy").eval(
             setup, (args.size, args.size)) as template:

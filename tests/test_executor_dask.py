@@ -28,7 +28,8 @@ from . import _executor_tasks as T  # noqa: E402
 def ex():
     # dask's modules are loaded once, in the template, not in each worker; both
     # workers are up before the tests' leak checks take their snapshots
-    with Executor(2, min_workers=2, preload=["dask", "dask.bag", "dask.array", "numpy"]) as executor:
+    modules = ["dask", "dask.bag", "dask.array", "numpy"]
+    with Executor(2, min_workers=2, preload=modules) as executor:
         assert executor._pool.wait_until(lambda pool: len(pool.idle) == 2, 30)
         yield executor
 
@@ -36,7 +37,8 @@ def ex():
 def test_dask_computes_a_bag_graph_on_the_executor(ex, no_leaks):
     bag = db.from_sequence(range(100), npartitions=4)
     tripled = bag.map(partial(operator.mul, 3)).filter(partial(operator.lt, 30))
-    total, count, largest = dask.compute(tripled.sum(), tripled.count(), tripled.max(), scheduler=ex)
+    total, count, largest = dask.compute(tripled.sum(), tripled.count(), tripled.max(),
+                                         scheduler=ex)
     expected = [3 * i for i in range(100) if 3 * i > 30]
     assert (total, count, largest) == (sum(expected), len(expected), max(expected))
 

@@ -304,3 +304,45 @@ def test_workers_exit_when_their_parent_is_killed():
         proc.stdout.close()
     for pid in pids:  # the two workers and their template: EOF on their sockets
         assert _wait_gone(pid), f"process {pid} outlived its killed parent"
+
+
+# -- functions of __main__ -------------------------------------------------------------------
+
+
+def test_functions_of_a_script_run_as_main_are_found_as_multiprocessing_spawn_finds_them(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {ROOT!r})
+        from forkserver import Executor
+
+        def triple(x):
+            return 3 * x
+
+        if __name__ == "__main__":
+            def hidden(x):  # under the guard: the worker's import of this file skips it
+                return x
+
+            with Executor(2) as ex:
+                print(list(ex.map(triple, range(4))))
+                try:
+                    ex.submit(hidden, 1).result()
+                except Exception as exc:
+                    print(type(exc).__name__, "hidden" in str(exc), "top level" in str(exc))
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["[0, 3, 6, 9]", "BrokenProcessPool True True"]
+
+
+def test_a_function_of_an_interactive_main_fails_at_submit_with_a_clear_error():
+    out = subprocess.run(_script("""
+        from forkserver import Executor
+        def f(x):
+            return x
+        with Executor(1) as ex:
+            print(ex.submit(f, 1).exception())
+    """), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "is defined in an interactive __main__" in out.stdout
+    assert "Define it in a module" in out.stdout

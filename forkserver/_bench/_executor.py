@@ -29,6 +29,7 @@ FS, PPE_FS, PPE_FORK, LOKY = ("forkserver.Executor", "PPE, forkserver context",
                              "PPE, fork context", "loky")
 FS_BIG, PPE_FORK_BIG = "forkserver.Executor, big parent", "PPE fork, big parent"
 KEYS = ("executor_rt", "executor_map", "executor_first")
+NO_LOKY = "not installed (pip install 'forkserver[bench]')"
 TITLES = {"executor_rt": "executor round trip", "executor_map": "executor map, small tasks",
           "executor_first": "executor first result"}
 
@@ -41,7 +42,7 @@ def _loky() -> Any:
 
 
 def _stop_loky_tracker() -> None:
-    """Stop and reap loky's resource tracker: we leave no child behind.  Private API: best effort."""
+    """Stop and reap loky's resource tracker (we leave no child behind).  Private API."""
     with contextlib.suppress(Exception):
         from loky.backend import resource_tracker
 
@@ -83,10 +84,10 @@ class Executors:
             for pool in self.pools.values():  # every worker up and warm
                 list(pool.map(self.tasks.ident, range(200)))
 
-    def contenders(self, sampler: Callable[[Any], Callable[[], float]], limit=None) -> List[B.Contender]:
-        out = [B.Contender(name, sampler(pool), limit) for name, pool in self.pools.items()]
+    def contenders(self, sampler: Callable[[Any], Callable[[], float]]) -> List[B.Contender]:
+        out = [B.Contender(name, sampler(pool)) for name, pool in self.pools.items()]
         if LOKY not in self.pools:
-            out.append(B.Contender(LOKY, None, note="not installed (pip install 'forkserver[bench]')"))
+            out.append(B.Contender(LOKY, None, note=NO_LOKY))
         return out
 
 
@@ -141,7 +142,8 @@ def executor_map(bench: Any, executors: Executors, Scenario: Callable[..., Any])
     bench.measure(sc.contenders, rounds=max(3, bench.s.rounds // 20))
     for c in sc.contenders:
         if c.samples:
-            sc.notes.append(f"{c.name}: {n / (sorted(c.samples)[len(c.samples) // 2] / 1e3):,.0f} tasks/s")
+            median = sorted(c.samples)[len(c.samples) // 2]
+            sc.notes.append(f"{c.name}: {n / (median / 1e3):,.0f} tasks/s")
     return sc
 
 
@@ -155,7 +157,8 @@ def executor_first(bench: Any, executors: Executors, Scenario: Callable[..., Any
 
     noop, tpl, s = executors.tasks.noop, executors.tpl, bench.s
 
-    def first(make: Callable[[], Any], after: Optional[Callable[[], None]] = None) -> Callable[[], float]:
+    def first(make: Callable[[], Any],
+              after: Optional[Callable[[], None]] = None) -> Callable[[], float]:
         def once() -> float:
             t0 = time.perf_counter()
             with _quiet_fork():
@@ -178,9 +181,10 @@ def executor_first(bench: Any, executors: Executors, Scenario: Callable[..., Any
              B.Contender(PPE_FORK, ppe_fork)]
     loky = _loky()
     if loky is not None:
-        small.append(B.Contender(LOKY, first(lambda: loky.ProcessPoolExecutor()), max(2, s.spawn_samples // 4)))
+        small.append(B.Contender(LOKY, first(lambda: loky.ProcessPoolExecutor()),
+                                 max(2, s.spawn_samples // 4)))
     else:
-        small.append(B.Contender(LOKY, None, note="not installed (pip install 'forkserver[bench]')"))
+        small.append(B.Contender(LOKY, None, note=NO_LOKY))
     big = [B.Contender(FS_BIG, ours), B.Contender(PPE_FORK_BIG, ppe_fork)]
     sc.contenders = small + big
     rounds = max(5, s.rounds // 4)
@@ -201,9 +205,12 @@ def goals(median: Callable[[str, str], Optional[float]], ratio: Callable, goal: 
     """The executor goals of DESIGN.md, from this run's medians."""
     return [
         goal(f"executor round trip >= 4x faster than {PPE_FS}",
-             ratio(median("executor_rt", PPE_FS), median("executor_rt", FS)), 4.0, "x", at_least=True),
+             ratio(median("executor_rt", PPE_FS), median("executor_rt", FS)), 4.0, "x",
+             at_least=True),
         goal(f"executor map, 2 workers, >= 4x {PPE_FS}'s throughput",
-             ratio(median("executor_map", PPE_FS), median("executor_map", FS)), 4.0, "x", at_least=True),
+             ratio(median("executor_map", PPE_FS), median("executor_map", FS)), 4.0, "x",
+             at_least=True),
         goal("executor first result <= 3 ms", median("executor_first", FS), 3.0, "ms"),
-        goal("executor first result, big parent <= 3 ms", median("executor_first", FS_BIG), 3.0, "ms"),
+        goal("executor first result, big parent <= 3 ms", median("executor_first", FS_BIG),
+             3.0, "ms"),
     ]

@@ -154,7 +154,8 @@ class Pool(Loop):
         """Break the pool now: tasks fail, workers are killed (Ctrl-C at interpreter exit)."""
         actions: List[Action] = []
         with self.lock:
-            self._break("the executor was stopped: KeyboardInterrupt at interpreter exit", None, actions)
+            self._break("the executor was stopped: KeyboardInterrupt at interpreter exit",
+                        None, actions)
         self._complete(actions)
 
     def wake(self) -> None:

@@ -1,4 +1,4 @@
-"""``forkserver.Executor``: a ``concurrent.futures`` executor of warm workers forked from a template.
+"""``forkserver.Executor``: a ``concurrent.futures`` executor of warm forks of a template.
 
 The public face: arguments, ``submit``/``map``/``shutdown``, interpreter exit.
 The engine (queue, workers, the I/O thread) is ``_dispatch.Pool``; the
@@ -85,7 +85,8 @@ class Executor(_StdExecutor):
         load: int = 1,
         on_event: Optional[Callable[[Future, Any], Any]] = None,
     ) -> None:
-        max_workers = _check_counts(max_workers, min_workers, max_tasks_per_child, load, idle_timeout)
+        max_workers = _check_counts(max_workers, min_workers, max_tasks_per_child, load,
+                                    idle_timeout)
         if isinstance(preload, str):
             preload = (preload,)
         if initializer is not None and not callable(initializer):
@@ -155,8 +156,8 @@ class Executor(_StdExecutor):
                 "a worker cannot import it. Define it in a module (or in a script run as a file)"
             )
 
-    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: Optional[float] = None,
-            chunksize: int = 1) -> Iterator[Any]:
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any],
+            timeout: Optional[float] = None, chunksize: int = 1) -> Iterator[Any]:
         """``map(fn, *iterables)`` in the workers; results in order, as they are needed.
 
         As ``ProcessPoolExecutor.map``: every call is submitted at once;
@@ -222,11 +223,13 @@ def _check_counts(max_workers: Optional[int], min_workers: int, max_tasks: Optio
     if not isinstance(load, int) or load < 1:
         raise ValueError(f"load (tasks in flight per worker) must be an int >= 1, got {load!r}")
     if idle_timeout is not None and not idle_timeout > 0:
-        raise ValueError(f"idle_timeout must be a positive number of seconds or None, got {idle_timeout!r}")
+        raise ValueError("idle_timeout must be a positive number of seconds or None, "
+                         f"got {idle_timeout!r}")
     return max_workers
 
 
-def _pickled_initializer(initializer: Optional[Callable[..., Any]], initargs: tuple) -> Optional[bytes]:
+def _pickled_initializer(initializer: Optional[Callable[..., Any]],
+                         initargs: tuple) -> Optional[bytes]:
     if initializer is None:
         return None
     try:

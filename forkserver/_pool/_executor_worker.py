@@ -316,7 +316,8 @@ def serve(control: socket.socket, *sent: Any) -> None:
                     return
                 continue
             if frame[0] != CALL:
-                raise ProtocolError(f"executor worker {os.getpid()}: unexpected frame kind {frame[0]}")
+                raise ProtocolError(f"executor worker {os.getpid()}: "
+                                    f"unexpected frame kind {frame[0]}")
             slot.append(frame)
             frame = None
             w.replied = False
@@ -384,13 +385,25 @@ def _reply(chunks: List[Any]) -> None:
 def _load_call(payload: bytearray, bufs: List[bytearray]) -> Any:
     try:
         return pickle.loads(payload, buffers=bufs)
-    except (AttributeError, ImportError):
-        # A function (or class) of the parent's main script: import that
-        # script here as __mp_main__, as multiprocessing's spawn does, once.
-        if _w.main is None or _w.main_loaded or b"__main__" not in payload:
+    except (AttributeError, ImportError) as exc:
+        if _w.main is None or b"__main__" not in payload:
             raise
+        error: BaseException = exc
+    # A function (or class) of the parent's main script: import that script
+    # here as __mp_main__, as multiprocessing's spawn does, once.
+    if not _w.main_loaded:
         _load_main(_w.main)
-        return pickle.loads(payload, buffers=bufs)
+        try:
+            return pickle.loads(payload, buffers=bufs)
+        except AttributeError as exc:
+            error = exc
+    if not isinstance(error, AttributeError):
+        raise error
+    raise AttributeError(
+        f"{error}; this worker imported the parent's main script as __mp_main__, where code "
+        "under `if __name__ == '__main__':` does not run: define the function at the top "
+        "level of the script, or in a module"
+    ) from None
 
 
 def _load_main(main: Tuple[str, str]) -> None:

@@ -169,7 +169,8 @@ class Loop:
         if kind == W.INIT_ERROR:
             cause = P.decode_error(payload)
             self._break(f"the initializer raised {type(cause).__name__}: {cause} in worker "
-                        f"{worker.pid} (its traceback is this exception's __cause__)", cause, actions)
+                        f"{worker.pid} (its traceback is this exception's __cause__)",
+                        cause, actions)
             return False
         worker.why_stopped = (f"stopped by forkserver.Executor: it answered task {task_id}, "
                               "which it was not running (a bug: please report it)")
@@ -283,7 +284,8 @@ class Loop:
 
     def _tend(self, worker: Worker, now: float) -> None:  # lock held
         if worker.kill_at is not None and now >= worker.kill_at:
-            worker.why_stopped = worker.why_stopped or "killed: it did not exit after its socket closed"
+            worker.why_stopped = (worker.why_stopped
+                                  or "killed: it did not exit after its socket closed")
             worker.kill()
             worker.kill_at = None
             return
