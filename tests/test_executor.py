@@ -445,3 +445,42 @@ def test_map_with_on_event_gives_on_event_real_futures(no_leaks):
     with Executor(1, on_event=lambda future, obj: seen.append(type(future))) as ex:
         assert list(ex.map(T.events, [1, 2])) == ["done", "done"]
     assert seen == [Future] * 3
+
+
+def test_map_streams_deeper_while_its_calls_are_fast_and_back_to_two_after_a_slow_one(no_leaks):
+    from forkserver._pool import _dispatch
+
+    with Executor(1) as ex:
+        worker_of = lambda: next(iter(ex._pool.procs.values()))  # noqa: E731
+        assert list(ex.map(T.ident, range(200))) == list(range(200))
+        worker = worker_of()
+        assert worker.fast
+        assert ex._pool._limit(worker, _map_task()) == _dispatch.MAP_LOAD_FAST
+        assert list(ex.map(T.sleep_then, [0.01], [1])) == [1]
+        assert not worker.fast
+        assert ex._pool._limit(worker, _map_task()) == _dispatch.MAP_LOAD
+
+
+def _map_task():
+    from forkserver._pool._map import MapTask, Results
+
+    return MapTask([], 0, T.ident, Results())
+
+
+def test_a_template_that_cannot_fork_breaks_the_executor_after_a_few_tries_saying_why(no_leaks):
+    with Template().require("tests._threaded_mod") as tpl, Executor(1, template=tpl) as ex:
+        with pytest.raises(BrokenProcessPool, match="could not start a worker") as info:
+            ex.submit(T.ident, 1).result(WAIT)
+        assert isinstance(info.value.__cause__, forkserver.ThreadedTemplateError)
+        assert f"({_loop.CRASH_LOOP} failures in a row)" in str(info.value)
+
+
+def test_a_dead_template_breaks_the_executor_when_it_needs_a_new_worker(no_leaks):
+    with Template() as tpl:
+        ex = Executor(2, template=tpl, max_tasks_per_child=1)
+        assert ex.submit(T.ident, 1).result(WAIT) == 1
+        os.kill(tpl.pid, signal.SIGKILL)
+        with pytest.raises(BrokenProcessPool, match="could not start a worker"):
+            for _ in range(3):
+                ex.submit(T.ident, 2).result(WAIT)
+        ex.shutdown()

@@ -28,7 +28,9 @@ from ._loop import Action, Loop
 from ._workers import Start, Task, Worker
 
 LOGGER = logging.getLogger("concurrent.futures")  # where Future logs its callbacks' errors
-MAP_LOAD = 2  # calls of map() a worker holds at once (at least; more with load=)
+# Calls of map() a worker holds at once (see _map.py): MAP_LOAD, or MAP_LOAD_FAST while its
+# calls take less than _loop.FAST_CALL seconds each (at least ``load``).
+MAP_LOAD, MAP_LOAD_FAST = 2, 8
 
 
 class Pool(Loop):
@@ -44,6 +46,7 @@ class Pool(Loop):
         self.max_workers, self.min_workers = max_workers, min_workers
         self.idle_timeout, self.load, self.max_tasks = idle_timeout, load, max_tasks
         self.map_load = max(load, MAP_LOAD)  # map()'s calls stream: see _map.py
+        self.map_load_fast = max(load, MAP_LOAD_FAST)
         self.on_event = on_event
         self.owner = os.getpid()
         self.lock = threading.Lock()
@@ -173,19 +176,24 @@ class Pool(Loop):
         """The least-loaded worker that may take ``task`` now, or None.
 
         An idle one first (the last one used: its caches are warm), then,
-        up to the task's limit (``load``, or ``map_load`` for map calls), the
+        up to the task's limit (``load``; for map calls see MAP_LOAD), the
         busy one with the fewest tasks -- ``prefer`` (the worker that just
         answered) if it has room.
         """
         if self.idle:
             return self.idle[-1]
-        limit = self.map_load if task.streamed else self.load
-        if limit == 1 or not self.busy:
+        if not self.busy or self.load == 1 and not task.streamed:
             return None
-        if prefer is not None and prefer.accepting and len(prefer.inflight) < limit:
+        if (prefer is not None and prefer.accepting
+                and len(prefer.inflight) < self._limit(prefer, task)):
             return prefer
         best = min(self.busy, key=lambda w: len(w.inflight))
-        return best if len(best.inflight) < limit else None
+        return best if len(best.inflight) < self._limit(best, task) else None
+
+    def _limit(self, worker: Worker, task: Task) -> int:
+        if not task.streamed:
+            return self.load
+        return self.map_load_fast if worker.fast else self.map_load
 
     def _assign(self, worker: Worker, task: Task) -> None:
         inflight = worker.inflight

@@ -56,7 +56,10 @@ class Executor(_StdExecutor):
     a fresh fork replaces it.  ``load`` is how many tasks a worker holds at
     once (more than 1 pipelines small tasks; a long task then delays those
     queued behind it on its worker); tasks go to the least-loaded worker, in
-    submission order.  ``initializer(*initargs)`` runs once in each worker.
+    submission order.  ``map`` streams its calls: 2 per worker at once (8
+    while they take under a millisecond), or ``load`` if more.
+    ``initializer(*sent, *initargs)`` runs once in each worker, ``sent``
+    being what the template was sent (``send_arg``/``send_fh``), if anything.
 
     A task may call :func:`forkserver.worker.event` with a picklable object:
     ``on_event(future, obj)`` then runs in this process (in the executor's
@@ -103,9 +106,14 @@ class Executor(_StdExecutor):
         self._ids = itertools.count(1)
         self._max_workers = max_workers  # the name dask and others read
         source, owned = _worker_template(template, preload)
-        self._pool = Pool(source, owned, config, max_workers=max_workers, min_workers=min_workers,
-                          idle_timeout=idle_timeout, load=load, max_tasks=max_tasks_per_child,
-                          on_event=on_event)
+        try:
+            self._pool = Pool(source, owned, config, max_workers=max_workers,
+                              min_workers=min_workers, idle_timeout=idle_timeout, load=load,
+                              max_tasks=max_tasks_per_child, on_event=on_event)
+        except BaseException:
+            if owned:
+                source.close()
+            raise
         _pools.add(self._pool)
         weakref.finalize(self, _dropped, self._pool)
 
@@ -164,7 +172,9 @@ class Executor(_StdExecutor):
         ``timeout`` (seconds, from this call) raises ``TimeoutError`` from the
         iterator; a call's exception is raised at its place; ``chunksize`` > 1
         sends the calls in batches of that many.  Closing the iterator early
-        cancels the calls that have not started.
+        cancels the calls that have not started.  The calls stream (see the
+        class docs) and have no ``Future`` each, unless there is an
+        ``on_event`` (it is given the calls' futures).
         """
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")

@@ -30,6 +30,8 @@ from .._wait import wait_readable
 from . import _executor_worker as W
 from ._workers import Start, Task, Worker, describe_exit
 
+FAST_CALL = 0.001  # seconds: map calls this short stream deeper (see _dispatch.MAP_LOAD)
+
 LOGGER = logging.getLogger("concurrent.futures")
 CRASH_LOOP = 5  # workers dying in a row before they finish a task: the pool is broken
 START_TIMEOUT = 60.0  # seconds a template may take to fork a worker
@@ -154,8 +156,12 @@ class Loop:
         actions.append((kind, inflight.popleft(), payload, bufs))
         worker.done += 1
         self.deaths_in_a_row = 0
+        now = time.monotonic()
+        # The call's time: since the previous reply, or since the worker got busy.
+        worker.fast = now - max(worker.replied_at, worker.idle_since) < FAST_CALL
+        worker.replied_at = now
         if not inflight:
-            worker.idle_since = time.monotonic()
+            worker.idle_since = now
             if worker.accepting:
                 self.busy.remove(worker)
                 self.idle.append(worker)
@@ -246,13 +252,16 @@ class Loop:
 
     def _start_failed(self, exc: BaseException, actions: List[Action]) -> None:
         with self.lock:
-            self.deaths_in_a_row += 1
-            if self.deaths_in_a_row >= CRASH_LOOP:
-                self._break(f"forkserver.Executor could not start a worker "
-                            f"({self.deaths_in_a_row} failures in a row): "
-                            f"{type(exc).__name__}: {exc}", exc, actions)
-            else:  # try again soon, backing off
-                self.retry_at = time.monotonic() + 0.01 * 2 ** self.deaths_in_a_row
+            self._start_failed_locked(exc, actions)
+
+    def _start_failed_locked(self, exc: BaseException, actions: List[Action]) -> None:
+        self.deaths_in_a_row += 1
+        if self.deaths_in_a_row >= CRASH_LOOP:
+            self._break(f"forkserver.Executor could not start a worker "
+                        f"({self.deaths_in_a_row} failures in a row): "
+                        f"{type(exc).__name__}: {exc}", exc, actions)
+        else:  # try again soon, backing off
+            self.retry_at = time.monotonic() + 0.01 * 2 ** self.deaths_in_a_row
 
     # -- the loop's bookkeeping -----------------------------------------------------------
 
@@ -266,6 +275,12 @@ class Loop:
                 self.retry_at = None
             if (self.shutdown or self.broken is not None) and self.queue:
                 self._drop_cancelled()
+            for fd, start in list(self.starts.items()):
+                if now >= start.deadline:  # the template does not answer: count it as failed
+                    del self.starts[fd]
+                    start.abandon()
+                    self._start_failed_locked(TimeoutError(
+                        f"the template did not fork a worker in {START_TIMEOUT:g} s"), actions)
             self._dispatch()
             for worker in list(self.procs.values()):
                 self._tend(worker, now)
@@ -327,13 +342,8 @@ class Loop:
     def _watch(self, poller: Any, watched: Dict[int, int]) -> None:
         """Bring the poll set up to date (only this thread touches it)."""
         wanted = {self._wake_r: _IN}
-        now = time.monotonic()
         with self.lock:
-            for fd, start in list(self.starts.items()):
-                if now >= start.deadline:
-                    del self.starts[fd]
-                    start.abandon()
-                    continue
+            for fd, start in self.starts.items():
                 wanted[fd] = _IN | (_OUT if start.wants_write() else 0)
             for fd, worker in self.workers.items():
                 wanted[fd] = _IN | (_OUT if worker.out else 0)

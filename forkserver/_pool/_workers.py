@@ -101,6 +101,8 @@ class Worker:
         self.sent = 0  # tasks given to it (max_tasks_per_child)
         self.done = 0  # replies received
         self.idle_since = time.monotonic()
+        self.replied_at = 0.0  # when its last reply came
+        self.fast = False  # its last call took under FAST_CALL seconds (see _dispatch)
         self.accepting = True  # may get new tasks
         self.kill_at: Optional[float] = None  # SIGKILL if it has not exited by then
         self.why_stopped: Optional[str] = None  # set when we stopped it ourselves
