@@ -4,7 +4,8 @@ forkserver.Executor against ``ProcessPoolExecutor`` (forkserver and fork
 contexts) and loky (when installed), workers with the preload module loaded
 (``_executor_tasks`` imports it):
 
-* ``executor_rt``: ``submit(noop).result()`` round trip (mean of a block).
+* ``executor_rt``: ``submit(noop).result()`` round trip (median of a block;
+  the blocks' means in the notes).
 * ``executor_map``: ``map(ident, range(N), chunksize=1)`` with two workers.
 * ``executor_first``: a fresh executor's first result, template warm; then
   the same from a parent holding ``parent_gib`` GiB (``fork`` copies it).
@@ -15,6 +16,7 @@ import contextlib
 import gc
 import importlib
 import os
+import statistics
 import time
 import warnings
 from typing import Any, Callable, List, Optional
@@ -84,8 +86,8 @@ class Executors:
             for pool in self.pools.values():  # every worker up and warm
                 list(pool.map(self.tasks.ident, range(200)))
 
-    def contenders(self, sampler: Callable[[Any], Callable[[], float]]) -> List[B.Contender]:
-        out = [B.Contender(name, sampler(pool)) for name, pool in self.pools.items()]
+    def contenders(self, sampler: Callable[..., Callable[[], float]]) -> List[B.Contender]:
+        out = [B.Contender(name, sampler(pool, name)) for name, pool in self.pools.items()]
         if LOKY not in self.pools:
             out.append(B.Contender(LOKY, None, note=NO_LOKY))
         return out
@@ -108,20 +110,26 @@ def runners(scenario: Callable[..., Any]) -> dict:
 
 def executor_rt(bench: Any, executors: Executors, Scenario: Callable[..., Any]) -> Any:
     noop = executors.tasks.noop
+    means: dict = {}
 
-    def sampler(pool: Any) -> Callable[[], float]:
+    def sampler(pool: Any, name: str) -> Callable[[], float]:
         def once() -> float:
-            t0 = time.perf_counter()
+            times = []
             for _ in range(RT_BLOCK):
+                t0 = time.perf_counter()
                 pool.submit(noop).result(B.TIMEOUT)
-            return (time.perf_counter() - t0) / RT_BLOCK * 1e6
+                times.append(time.perf_counter() - t0)
+            means.setdefault(name, []).append(sum(times) / len(times) * 1e6)
+            return statistics.median(times) * 1e6
         return once
 
     sc = Scenario("executor_rt", "executor: submit(noop).result() round trip", "us")
     sc.contenders = executors.contenders(sampler)
     bench.measure(sc.contenders)
-    sc.notes.append(f"{WORKERS} workers each, {bench.s.preload} loaded; "
-                    f"a sample is the mean of {RT_BLOCK} round trips")
+    sc.notes.append(f"{WORKERS} workers each, {bench.s.preload} loaded; a sample is the median of "
+                    f"{RT_BLOCK} round trips in a row (steady state)")
+    for name, values in means.items():  # the first round trips after a pause pay wake-ups
+        sc.notes.append(f"{name}: mean of a block {statistics.median(values):.1f} us")
     return sc
 
 
@@ -129,7 +137,7 @@ def executor_map(bench: Any, executors: Executors, Scenario: Callable[..., Any])
     ident = executors.tasks.ident
     n = MAP_TASKS if bench.s.rounds >= 100 else MAP_TASKS // 5
 
-    def sampler(pool: Any) -> Callable[[], float]:
+    def sampler(pool: Any, name: str) -> Callable[[], float]:
         def once() -> float:
             t0 = time.perf_counter()
             for _ in pool.map(ident, range(n), chunksize=1):
