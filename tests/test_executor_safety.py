@@ -346,3 +346,41 @@ def test_a_function_of_an_interactive_main_fails_at_submit_with_a_clear_error():
     assert out.returncode == 0, out.stderr
     assert "is defined in an interactive __main__" in out.stdout
     assert "Define it in a module" in out.stdout
+
+
+# -- stress: workers killed while many tasks run -----------------------------------------------
+
+
+def _kill_busy_workers(tasks: int, kills: int) -> None:
+    from concurrent.futures import as_completed
+
+    with Executor(3) as ex:
+        futures = [ex.submit(T.sleep_then, 0.001, i) for i in range(tasks)]
+        killed = set()
+        every = max(1, tasks // (kills + 1))
+        for done, _ in enumerate(as_completed(futures), 1):
+            if done % every == 0 and len(killed) < kills:
+                with ex._pool.lock:  # a worker busy with a task, that finished some already
+                    busy = [w for w in ex._pool.procs.values() if w.inflight and w.done]
+                if busy:
+                    os.kill(busy[0].pid, signal.SIGKILL)
+                    killed.add(busy[0].pid)
+        failed = 0
+        for i, future in enumerate(futures):
+            exc = future.exception(WAIT)
+            if exc is None:
+                assert future.result() == i
+            else:
+                assert isinstance(exc, WorkerDiedError) and exc.pid in killed, exc
+                failed += 1
+        assert killed and failed <= len(killed)  # load=1: one task per killed worker
+        assert ex.submit(T.ident, "after").result(WAIT) == "after"
+
+
+def test_workers_killed_among_many_tasks_fail_only_the_tasks_they_ran(no_leaks):
+    _kill_busy_workers(tasks=300, kills=5)
+
+
+@pytest.mark.slow
+def test_workers_killed_among_many_tasks_fail_only_the_tasks_they_ran_long(no_leaks):
+    _kill_busy_workers(tasks=5000, kills=60)
