@@ -24,7 +24,8 @@ from ._errors import (
 )
 
 if TYPE_CHECKING:
-    from ._errors import CalledProcessError
+    from ._errors import CalledProcessError, WorkerDiedError
+    from ._pool._executor import Executor
     from ._pool._mp import mp_context
     from ._process import Child
     from ._programs._run import run_program
@@ -45,6 +46,7 @@ __version__ = "0.1.0.dev0"
 _LAZY = {
     "CalledProcessError": "._errors",
     "Child": "._process",
+    "Executor": "._pool._executor",
     "Limits": "._supervise._limits",
     "MemberStatus": "._supervise._status",
     "Stream": "._programs._stream",
@@ -56,6 +58,7 @@ _LAZY = {
     "run_program": "._programs._run",
     "spawn": "._programs._spawn",
     "stream": "._programs._stream",
+    "WorkerDiedError": "._errors",
 }
 
 
@@ -81,6 +84,7 @@ __all__ = [
     "CalledProcessError",
     "Child",
     "ClosedError",
+    "Executor",
     "FdTableFullError",
     "ForkserverError",
     "Limits",
@@ -97,6 +101,7 @@ __all__ = [
     "SupervisorStatus",
     "Template",
     "ThreadedTemplateError",
+    "WorkerDiedError",
     "__version__",
     "early",
     "mp_context",

@@ -25,6 +25,7 @@ __all__ = [
     "ReloadError",
     "MemberFailedError",
     "BrokenSupervisorError",
+    "WorkerDiedError",
 ]
 
 
@@ -133,9 +134,14 @@ class BrokenSupervisorError(ForkserverError):
 
 if TYPE_CHECKING:  # pragma: no cover
     import subprocess
+    from concurrent.futures.process import BrokenProcessPool
 
     class CalledProcessError(subprocess.CalledProcessError, ForkserverError):
         pass
+
+    class WorkerDiedError(BrokenProcessPool, ForkserverError):
+        pid: Any
+        returncode: Any
 
 
 def _make_called_process_error() -> type:
@@ -153,8 +159,58 @@ def _make_called_process_error() -> type:
     return CalledProcessError
 
 
+# ``WorkerDiedError`` subclasses ``concurrent.futures.process.BrokenProcessPool``;
+# that module imports ``threading`` and ``multiprocessing`` (~20 ms), which
+# templates and workers must not load: made on first use too.
+
+
+def _make_worker_died_error() -> type:
+    from concurrent.futures.process import BrokenProcessPool
+
+    class WorkerDiedError(BrokenProcessPool, ForkserverError):
+        """A worker of ``forkserver.Executor`` died while it ran this task.
+
+        Only the task(s) that worker was running fail with it; the executor
+        replaces the worker and runs every other task.  ``pid`` is the
+        worker's, ``returncode`` its exit status as ``subprocess`` has it
+        (negative: killed by that signal; None: the status was lost, a
+        ``waitpid`` of someone else reaped it); ``signal`` names the signal.
+        ``except BrokenProcessPool`` catches it, as code written for
+        ``ProcessPoolExecutor`` expects.
+        """
+
+        def __init__(self, message: str, pid: Any = None, returncode: Any = None) -> None:
+            super().__init__(message)
+            self.pid = pid
+            self.returncode = returncode
+
+        @property
+        def signal(self) -> Any:
+            """The signal that killed the worker (a ``signal.Signals``), or None."""
+            import signal
+
+            code = self.returncode
+            if code is None or code >= 0:
+                return None
+            try:
+                return signal.Signals(-code)
+            except ValueError:
+                return -code
+
+        def __reduce__(self) -> Any:
+            return type(self), (self.args[0] if self.args else "", self.pid, self.returncode)
+
+    WorkerDiedError.__module__ = __name__
+    WorkerDiedError.__qualname__ = "WorkerDiedError"
+    return WorkerDiedError
+
+
+_LAZY = {"CalledProcessError": _make_called_process_error, "WorkerDiedError": _make_worker_died_error}
+
+
 def __getattr__(name: str) -> Any:  # PEP 562
-    if name == "CalledProcessError":
-        cls = globals()["CalledProcessError"] = _make_called_process_error()
+    make = _LAZY.get(name)
+    if make is not None:
+        cls = globals()[name] = make()
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

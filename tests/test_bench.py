@@ -31,10 +31,23 @@ EXPECTED = {
     "mp_big_parent": {"mp_context()", "mp_context(), small parent", "mp forkserver + preload",
                       "mp fork"},
     "mp_pool": {"mp_context()", "mp forkserver + preload", "mp fork"},
+    "executor_rt": {"forkserver.Executor", "PPE, forkserver context", "PPE, fork context", "loky"},
+    "executor_map": {"forkserver.Executor", "PPE, forkserver context", "PPE, fork context", "loky"},
+    "executor_first": {"forkserver.Executor", "PPE, forkserver context", "PPE, fork context", "loky",
+                       "forkserver.Executor, big parent", "PPE fork, big parent"},
 }
 
 
+def _loky_missing() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("loky") is None
+
+
 def _check_row(scenario: str, row: dict) -> None:
+    if row["median"] is None and row["contender"] == "loky":  # the bench extra is optional
+        assert _loky_missing() and "not installed" in row["note"], row
+        return
     if row["median"] is None and (scenario, row["contender"]) == ("supervise", "gunicorn arbiter (sync)"):
         assert importlib.util.find_spec("gunicorn") is None and "not installed" in row["note"]
         return  # gunicorn is optional: pip install 'forkserver[bench]'
@@ -54,8 +67,8 @@ def test_bench_quick_writes_every_scenario_with_positive_numbers(tmp_path, capsy
             _check_row(key, row)
     assert data["machine"]["cpus"] > 0 and data["machine"]["kernel"]
     # start x2, back to back x2, big parent, exec, USS, start -> ran, first reply, zygote, restart;
-    # mp context: start, big parent, pool
-    assert len(data["goals"]) == 14 and all("met" in g for g in data["goals"])
+    # mp context: start, big parent, pool; executor: round trip, map, first x2
+    assert len(data["goals"]) == 18 and all("met" in g for g in data["goals"])
     unmeasured = [g for g in data["goals"] if g["value"] is None]
     if importlib.util.find_spec("gunicorn") is None:  # optional: its goal has no value then
         unmeasured = [g for g in unmeasured if "gunicorn" not in g["goal"]]

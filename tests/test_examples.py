@@ -29,3 +29,16 @@ def test_stream_pipeline_example_round_trips_a_file_through_gzip():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("round trip: identical")
+
+
+def test_executor_numpy_example_fails_only_the_killed_task_and_gets_every_result():
+    out = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, "executor_numpy.py"), "--tasks", "50", "--size", "50"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("first result after")
+    assert any(line.startswith("one task failed alone: worker") and "SIGKILL" in line for line in lines)
+    assert "progress events: [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]" in lines
+    assert lines[-1] == "50 results, the same as computed here: True"

@@ -20,8 +20,10 @@ module (forkserver / multiprocessing forkserver with preload / multiprocessing
 spawn / bare os.fork), start -> ran (the moment the worker's function begins),
 the same from a big parent, exec of /bin/true (forkserver / subprocess.run /
 posix_spawn), idle worker USS, a new template's first reply, restart latency of a
-supervised worker (forkserver.Supervisor / gunicorn's arbiter); then the project
-goals, met or missed.  Takes {TYPICAL_RUN}.
+supervised worker (forkserver.Supervisor / gunicorn's arbiter), forkserver.Executor
+against ProcessPoolExecutor and loky (round trip, map of small tasks, first
+result), forkserver.mp_context() against the standard contexts; then the
+project goals, met or missed.  Takes {TYPICAL_RUN}.
 The exit status is 0 (it is a measurement) unless --check is given.
 """
 
@@ -67,10 +69,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     bench.add_argument("--spawn-samples", type=int, metavar="K",
                        help="samples of multiprocessing spawn (~200 ms each with numpy; "
                        "default rounds/10, at least 3; 0 leaves it out)")
+    from ._scenarios import SCENARIOS
+
     bench.add_argument("--only", type=_scenarios, metavar="A,B",
-                       help="run only these scenarios: start, start_ran, back_to_back, "
-                       "big_parent, exec, idle_uss, first_reply, zygote, supervise, mp_start, "
-                       "mp_big_parent, mp_pool")
+                       help=f"run only these scenarios: {', '.join(SCENARIOS)}")
     bench.add_argument("--check", action="store_true",
                        help="exit with status 1 when a goal is missed (or a contender failed)")
     return bench

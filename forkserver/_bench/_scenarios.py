@@ -14,12 +14,12 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
-from . import _core as B, _latency, _mp, _supervise, _zygote
+from . import _core as B, _executor, _latency, _mp, _supervise, _zygote
 from ._core import Scenario
 from ._workers import bare_fork, settle, start_and_reap, stop_default_template
 
 SCENARIOS = ("start", "start_ran", "back_to_back", "big_parent", "exec", "idle_uss", "first_reply", "zygote",
-             "supervise", *_mp.SCENARIOS)
+             "supervise", *_mp.SCENARIOS, *_executor.KEYS)
 BLOCK = 10  # back_to_back: workers per sample, one right after the other
 TRUE = "/bin/true"
 
@@ -54,7 +54,7 @@ class Bench:
         from .. import _default
         from .._template import Template
 
-        self.s, self.progress = settings, progress
+        self.s, self.progress, self.stack = settings, progress, stack
         importlib.import_module(settings.preload)  # fails here, loudly, if it is missing
         if _default._default.template is None:  # ours: stop it when done
             stack.callback(stop_default_template)
@@ -234,6 +234,8 @@ TITLES.update(start_ran="worker start -> ran", first_reply="new template -> firs
               zygote="script start via a zygote", supervise="restart latency")
 RUNNERS.update(_mp.runners(Scenario))
 TITLES.update(_mp.TITLES)
+RUNNERS.update(_executor.runners(Scenario))
+TITLES.update(_executor.TITLES)
 
 
 def run(settings: Settings, progress: B.Progress) -> List[Scenario]:
