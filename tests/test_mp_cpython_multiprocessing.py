@@ -62,6 +62,7 @@ def _check(result, output, capsys):
     assert result.wasSuccessful(), output
 
 
+@pytest.mark.timeout(600, method="thread")  # CPython's runner would swallow a signal timeout
 def test_cpythons_multiprocessing_tests_pass_with_our_context(capsys):
     result, output = _run(QUICK)
     assert result.testsRun > 50
@@ -69,6 +70,7 @@ def test_cpythons_multiprocessing_tests_pass_with_our_context(capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800, method="thread")
 def test_all_of_cpythons_processes_tests_pass_with_our_context(capsys):
     result, output = _run()
     assert result.testsRun > 100
