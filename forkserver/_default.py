@@ -14,8 +14,8 @@ import os
 import threading
 from typing import Any, Callable, Optional
 
-from . import _protocol as P
-from ._errors import BrokenChannelError, ProtocolError
+from ._errors import BrokenChannelError
+from ._link import WAIT
 
 
 class _Default:
@@ -63,20 +63,22 @@ class _Default:
 
 
 def _alive(tpl: Any) -> bool:
-    """Non-blocking check that the default template is usable (consumes its HELLO)."""
+    """Non-blocking check that the default template is usable.
+
+    Reads what has arrived: its greeting, and the replies of calls that
+    were interrupted (dropped).  A template found dead is handed to the
+    reaper (``Template._broken``).
+    """
     with tpl._lock:
         if tpl._status in ("closed", "broken", "running"):
             return False
         try:
-            frame = tpl._chan.receive()
-        except (BrokenChannelError, ProtocolError) as exc:
-            tpl._broken(exc, "check")
-            return False
-        if frame is not None:
-            if frame.kind != P.HELLO or tpl._status != "starting":
-                tpl._broken(ProtocolError("unexpected frame"), "check")
+            while tpl._step("check") is not WAIT:
+                pass
+        except BaseException:
+            if tpl._status in ("closed", "broken", "running"):
                 return False
-            tpl._hello(frame)
+            raise
         return True
 
 

@@ -27,6 +27,7 @@ LAYERS = [
     ("template side", ["forkserver._server"]),
     ("processes", [
         "forkserver._boot", "forkserver._context", "forkserver._default", "forkserver._wait",
+        "forkserver._interrupts", "forkserver._link",
         "forkserver._reaper", "forkserver._process", "forkserver._cloning", "forkserver._template",
         "forkserver._async",
     ]),

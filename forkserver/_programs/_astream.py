@@ -25,26 +25,24 @@ __all__ = ["AsyncStream", "spawn", "stream"]
 async def spawn(argv: Any, *, template: Optional[Template] = None, **kwargs: Any) -> AsyncChild:
     """``forkserver.spawn`` without blocking the loop on the template's reply."""
     plan = _spawn.prepare(argv, **kwargs)
+    reply = None
+    tpl = default_template() if template is None else template
     try:
-        tpl = default_template() if template is None else template
         try:
-            r = _spawn.send(tpl, plan)
+            reply = _spawn.send(tpl, plan)
         except BrokenTemplateError:  # it had died; nothing reached it
             if template is not None:
                 raise
             tpl = default_template()
-            r = _spawn.send(tpl, plan)
-        for fd in plan.close_after_send:
-            os.close(fd)
-        plan.close_after_send = []
-        try:
-            await _fd_ready(r)  # then the whole reply follows at once
-        except BaseException:
-            _spawn.abandon(tpl, r)  # cancelled: end what it started
-            os.close(r)
-            raise
-        kind, payload = _spawn.read_reply(tpl, r)
-        return AsyncChild(_spawn.finish(plan, kind, payload))
+            reply = _spawn.send(tpl, plan)
+        await _fd_ready(reply.fileno())  # the pid, then the whole reply follows at once
+        frame = _spawn.read_reply(tpl, reply)
+        _spawn.close_sent(plan)
+        return AsyncChild(_spawn.finish(plan, frame, reply))
+    except BaseException:
+        if reply is not None:
+            _spawn.abandon(tpl, reply)  # cancelled: what it started is killed and reaped
+        raise
     finally:
         plan.discard()
 

@@ -19,11 +19,13 @@ from typing import IO, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Unio
 
 from .. import _protocol as P
 from .._errors import BrokenChannelError, BrokenTemplateError, CalledProcessError, ProtocolError  # noqa: F401 - re-exported
-from .._fds import HEADER, STAGE_CWD, STAGE_EXEC, STAGE_FDS, STAGE_SESSION
+from .._fds import STAGE_CWD, STAGE_EXEC, STAGE_FDS, STAGE_SESSION, FdChannel, Frame, socketpair
+from .._interrupts import allowed, deferred
 from .._process import Child
+from .._reaper import reaper
 from .._template import Template, default_template
 from .._default import _default
-from .._wait import open_pidfd
+from .._wait import open_pidfd, wait_readable
 from ._communicate import communicate
 
 __all__ = ["CalledProcessError", "spawn"]
@@ -70,11 +72,14 @@ class _Plan:
         ]  # parent ends of stdin/stdout/stderr pipes
 
     def discard(self) -> None:
-        """Close every fd the plan opened (after a failure)."""
-        for fd in self.close_after_send + [fd for fd in self.ours if fd is not None]:
-            os.close(fd)
-        self.close_after_send = []
-        self.ours = [None, None, None]
+        """Close every fd the plan still owns (after a failure), each exactly once."""
+        fds = self.close_after_send
+        while fds:
+            os.close(fds.pop())
+        for i, fd in enumerate(self.ours):
+            if fd is not None:
+                self.ours[i] = os.close(fd)  # os.close returns None: closed and forgotten at once
+
 
 
 def _encode_argv(argv: Argv) -> Tuple[List[Any], List[bytes]]:
@@ -231,45 +236,61 @@ def prepare(
 
 
 # -- talking to the template ------------------------------------------------------
+#
+# Interruptions.  The reply comes on a socket of its own (an ``FdChannel``):
+# first the program's pid, written by the program's process itself before
+# anything else (``_fds.spawn_sibling``), then the template's SPAWNED or
+# ERROR frame.  Reading it can be interrupted anywhere and resumed.  A spawn
+# that will not return its ``Child`` -- Ctrl-C, a cancelled coroutine, any
+# error after the command was sent -- hands the reply channel to the reaper
+# thread as *doomed*: the program is SIGKILLed as soon as its pid is known,
+# and reaped; the call does not wait for it.  So no program is left running
+# that nobody can reach, and a zombie never stays.
 
 
-def send(tpl: Any, plan: _Plan) -> int:
-    """Send the SPAWN command to ``tpl``; returns the read end of the reply pipe."""
-    r, w = os.pipe2(os.O_CLOEXEC)
+def send(tpl: Any, plan: _Plan) -> FdChannel:
+    """Send the SPAWN command to ``tpl``; returns the channel its reply comes on.
+
+    Once this returns, the channel must be read to its end or handed to the
+    reaper (``abandon``): a program may exist.
+    """
+    ours, theirs = socketpair()
     try:
-        with tpl._lock:
-            tpl._send(P.SPAWN, plan.payload, [w, *plan.send])
-            tpl._drain("spawn")  # the template must get all of it before we wait on the pipe
-    except BaseException:
-        os.close(r)
-        raise
+        ours.setblocking(False)
+        reply = FdChannel(ours)
+        try:
+            with tpl._lock:
+                tpl._send(P.SPAWN, plan.payload, [theirs, *plan.send])
+                tpl._drain("spawn")  # the template must get all of it before we wait
+        except BaseException:
+            abandon(tpl, reply)  # nothing reached the template: EOF ends it at once
+            raise
     finally:
-        os.close(w)
-    return r
+        theirs.close()
+    return reply
 
 
-def read_reply(tpl: Any, r: int, close: bool = True) -> Tuple[int, bytes]:
-    """Read the reply frame from the pipe (blocking); closes ``r`` unless told not to."""
-    try:
-        data = b""
-        need = HEADER.size
-        while len(data) < need:
-            chunk = os.read(r, need - len(data))
-            if not chunk:
-                break
-            data += chunk
-            if len(data) == HEADER.size:
-                need += HEADER.unpack_from(data)[0]
-    finally:
-        if close:
-            os.close(r)
-    if len(data) < need:
-        _template_died(tpl)
-    length, _, kind = HEADER.unpack_from(data)
-    return kind, data[HEADER.size : HEADER.size + length]
+def read_reply(tpl: Any, reply: FdChannel) -> Frame:
+    """Wait for the SPAWNED (or ERROR) frame; the channel is closed once it came."""
+    while True:
+        try:
+            frame = reply.receive()
+        except (BrokenChannelError, ProtocolError):
+            frame = None
+        else:
+            if frame is None:
+                with allowed():
+                    wait_readable(reply.fileno(), None)
+                continue
+        if frame is None or frame.kind not in (P.SPAWNED, P.ERROR):
+            _template_died(tpl, reply)  # raises
+        reply.close()
+        return frame
 
 
-def _template_died(tpl: Any) -> None:
+def _template_died(tpl: Any, reply: FdChannel) -> None:
+    """No reply: the template died.  Kill and reap what it started, raise BrokenTemplateError."""
+    abandon(tpl, reply)
     with tpl._lock:
         if tpl._status not in ("broken", "closed"):
             err = tpl._broken(BrokenChannelError("no reply to spawn"), "spawn")
@@ -279,26 +300,38 @@ def _template_died(tpl: Any) -> None:
     raise err
 
 
-def finish(plan: _Plan, kind: int, payload: bytes) -> Child:
+def finish(plan: _Plan, frame: Frame, reply: FdChannel) -> Child:
     """Turn the reply into a ``Child`` (or raise the program's exec error)."""
-    if kind == P.ERROR:
-        raise P.decode_error(payload)
-    if kind != P.SPAWNED:
-        raise ProtocolError(f"spawn: expected a spawned reply, got {P.NAMES.get(kind, kind)}")
-    pid, err, stage = P.SPAWNED_FORMAT.unpack(payload)
+    if frame.kind == P.ERROR:
+        raise P.decode_error(frame.payload)
+    pid, err, stage = P.SPAWNED_FORMAT.unpack(frame.payload)
     if err:
-        os.waitpid(pid, 0)  # it exited 127 right after failing; it is our child
+        reaper.adopt(pid)  # it exited 127 right after failing; it is our child
         raise _exec_error(plan, err, stage)
-    pidfd = open_pidfd(pid)
-    files = [
-        None if fd is None else open(fd, "wb" if i == 0 else "rb") for i, fd in enumerate(plan.ours)
-    ]
-    plan.ours = [None, None, None]  # owned by the file objects now
-    child = Child(
-        pid, None, pidfd=pidfd, args=plan.args, stdin=files[0], stdout=files[1], stderr=files[2]
-    )
-    child._communicate = communicate
-    return child
+    pidfd = None
+    try:
+        pidfd = open_pidfd(pid)
+        files: List[Any] = [None, None, None]
+        for i, fd in enumerate(plan.ours):
+            if fd is not None:  # one statement: the file object owns it, the plan forgets it
+                files[i], plan.ours[i] = open(fd, "wb" if i == 0 else "rb"), None
+        child = Child(
+            pid, None, pidfd=pidfd, args=plan.args, stdin=files[0], stdout=files[1], stderr=files[2]
+        )
+        pidfd = None  # the Child owns it
+        child._communicate = communicate
+        return child
+    except BaseException:
+        _kill(pid, pidfd)
+        raise
+
+
+def _kill(pid: int, pidfd: Optional[int]) -> None:
+    """A program the caller will not get: SIGKILL it and let the reaper reap it."""
+    try:
+        os.kill(pid, signal.SIGKILL)  # still our unreaped child: the pid cannot be reused
+    finally:
+        reaper.adopt(pid, pidfd)
 
 
 def _exec_error(plan: _Plan, err: int, stage: int) -> OSError:
@@ -316,48 +349,53 @@ def spawn_from(tpl: Any, plan: _Plan, retry_default: bool = False) -> Child:
     """Send the plan to ``tpl``, wait for the program to start; closes the plan's fds.
 
     ``retry_default``: ``tpl`` is the default template; if it turns out dead
-    before anything reached it, start a new one and send once more.
+    before it started anything, start a new one and send once more.
     """
-    try:
+    with deferred():
+        reply = None
         try:
-            r = send(tpl, plan)
-        except BrokenTemplateError:
-            if not retry_default:
-                raise
-            tpl = default_template()
-            r = send(tpl, plan)
-        for fd in plan.close_after_send:  # the template has its own copies now
-            os.close(fd)
-        plan.close_after_send = []
-        kind, payload = _reply_or_cleanup(tpl, r)
-        return finish(plan, kind, payload)
-    finally:
-        plan.discard()
+            for attempt in (1, 2):
+                tpl, reply = _send_retrying(tpl, plan, retry_default)
+                try:
+                    frame = read_reply(tpl, reply)
+                except BrokenTemplateError:  # read_reply handed the reply over already
+                    if attempt == 2 or not retry_default or reply.peer_pid is not None:
+                        raise
+                    # It died before it started anything: once more, on a new default template.
+                    tpl = default_template()
+                    continue
+                close_sent(plan)  # the program has its own copies now
+                return finish(plan, frame, reply)
+            raise AssertionError("unreachable")
+        except BaseException:
+            if reply is not None:
+                abandon(tpl, reply)  # Ctrl-C: what it started is killed and reaped
+            raise
+        finally:
+            plan.discard()
 
 
-def _reply_or_cleanup(tpl: Any, r: int) -> Tuple[int, bytes]:
-    """``read_reply``; if interrupted (Ctrl-C), still read it and end the program it names."""
+def _send_retrying(tpl: Any, plan: _Plan, retry_default: bool) -> Tuple[Any, FdChannel]:
     try:
-        return read_reply(tpl, r, close=False)
-    except (KeyboardInterrupt, SystemExit):
-        abandon(tpl, r)
-        raise
-    finally:
-        os.close(r)
+        return tpl, send(tpl, plan)
+    except BrokenTemplateError:
+        if not retry_default:
+            raise
+        tpl = default_template()  # it had died: nothing reached it
+        return tpl, send(tpl, plan)
 
 
-def abandon(tpl: Any, r: int) -> None:
-    """The caller gave up waiting (Ctrl-C, cancelled): read the reply anyway and
-    kill and reap the program it names, so no process or zombie is left over."""
-    try:
-        kind, payload = read_reply(tpl, r, close=False)
-        if kind == P.SPAWNED:
-            pid, err, _ = P.SPAWNED_FORMAT.unpack(payload)
-            if not err:
-                os.kill(pid, signal.SIGKILL)  # still our unreaped child: the pid cannot be reused
-            os.waitpid(pid, 0)
-    except BaseException:
-        pass
+def close_sent(plan: _Plan) -> None:
+    """Close our copies of the fds the template now has, each in the statement that forgets it."""
+    fds = plan.close_after_send
+    while fds:
+        os.close(fds.pop())
+
+
+def abandon(tpl: Any, reply: FdChannel) -> None:
+    """The caller gave up on a spawn (Ctrl-C, cancelled, an error): the reaper thread
+    reads the reply channel, kills the program it names and reaps it.  Never blocks."""
+    reaper.adopt_channel(reply, doomed=True)
 
 
 def spawn(

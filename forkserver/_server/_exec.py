@@ -28,7 +28,7 @@ def do_spawn(state, frame) -> None:
             kind, payload = P.ERROR, state.broken
         else:
             try:
-                kind, payload = P.SPAWNED, _spawn(P.loads(frame.payload), fds)
+                kind, payload = P.SPAWNED, _spawn(P.loads(frame.payload), fds, reply)
             except BaseException as exc:
                 kind, payload = P.ERROR, P.encode_error(exc, "spawn()")
         _write_all(reply, HEADER.pack(len(payload), 0, kind) + payload)
@@ -40,7 +40,7 @@ def do_spawn(state, frame) -> None:
         os.close(reply)
 
 
-def _spawn(spec: tuple, fds: list) -> bytes:
+def _spawn(spec: tuple, fds: list, reply: int = -1) -> bytes:
     strings, counts, cwd, fd_map, keep, new_session, pgid, dfl_sigs = spec
     targets = {target for _, target in fd_map}
     moved: List[int] = []
@@ -52,7 +52,7 @@ def _spawn(spec: tuple, fds: list) -> bytes:
                 src = _off_targets(src, targets, moved)
             mapped.append((src, target))
         pid, err, stage = spawn_sibling(
-            strings, counts, cwd, mapped, keep, new_session, pgid, dfl_sigs
+            strings, counts, cwd, mapped, keep, new_session, pgid, dfl_sigs, announce=reply
         )
     finally:
         for fd in moved:

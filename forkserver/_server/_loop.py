@@ -5,6 +5,17 @@ time, until ``RUN`` turns it into a worker or EOF tells it to exit.  On
 ``FORK`` it clones itself (``_fork.py``): the clone goes on in this same loop
 as a template of its own.  ``SPAWN`` starts an external program
 (``_exec.py``).
+
+Robustness.  The parent is the only peer (an unnamed socketpair), but its
+frames are checked before anything runs: a frame of an unknown kind, with
+the wrong number of fds, or whose call id or payload does not decode
+breaks the template with a ``ProtocolError`` (every later reply-bearing
+command answers with it, as after a failed pipelined command) and its fds
+are closed unused.  When the stream itself is unusable (EOF or garbage in
+the middle of a frame, a payload too large to allocate, a descriptor table
+that stays full) the template says why with an ``ERROR`` of call id 0, if
+it can, and exits.  A parent that died (EOF, EPIPE on a reply) makes it exit
+quietly, status 0, with nothing on stderr.
 """
 from __future__ import annotations
 
@@ -22,10 +33,10 @@ import os
 import signal
 import socket
 import sys
-from typing import NoReturn, Optional
+from typing import Any, NoReturn, Optional
 
 from .. import _protocol as P
-from .._errors import BrokenChannelError, ForkserverError
+from .._errors import BrokenChannelError, FdTableFullError, ProtocolError
 from .._fds import FdChannel, Frame, drop_reserve
 from ._exec import do_spawn
 from ._fork import do_fork
@@ -37,7 +48,8 @@ _SIGINT = int(signal.SIGINT)
 
 
 def _do_setup(state: State, frame: Frame) -> None:
-    ctx = P.loads(frame.payload)
+    ctx = _decode(frame)
+    _expect_fds(frame, len(ctx.get("stdio", ())))
     fds = iter(frame.fds)
     for target in ctx.get("stdio", ()):
         fd = next(fds)
@@ -75,12 +87,32 @@ def _do_eval(state: State, frame: Frame) -> None:
 
 
 def _do_send_arg(state: State, frame: Frame) -> None:
-    state.sent.extend(P.loads(frame.payload))
+    _expect_fds(frame, 0)
+    state.sent.extend(_decode(frame))
 
 
 def _do_send_fh(state: State, frame: Frame) -> None:
-    descs = P.loads(frame.payload)
+    descs = _decode(frame)
+    _expect_fds(frame, len(descs))
     state.sent.extend(P.rebuild_handle(fd, desc) for fd, desc in zip(frame.fds, descs))
+
+
+def _decode(frame: Frame) -> Any:
+    """A pipelined command's payload; if it does not load, its fds are closed unused."""
+    try:
+        return P.loads(frame.payload)
+    except BaseException:
+        _close_fds(frame.fds)
+        raise
+
+
+def _expect_fds(frame: Frame, count: int) -> None:
+    """Refuse (closing them unused) a frame that did not bring ``count`` fds."""
+    if len(frame.fds) != count:
+        _close_fds(frame.fds)
+        raise ProtocolError(
+            f"a {P.NAMES[frame.kind]} command came with {len(frame.fds)} fds, not {count}"
+        )
 
 
 _HANDLERS = {
@@ -88,7 +120,7 @@ _HANDLERS = {
     P.SEND_ARG: _do_send_arg,
     P.SEND_FH: _do_send_fh,
 }
-_REPLYING = {P.REQUIRE: _do_require, P.EVAL: _do_eval}
+_REPLYING = {P.REQUIRE: _do_require, P.EVAL: _do_eval}  # RUN: in _dispatch
 
 
 def serve(state: State) -> Optional[Work]:
@@ -98,49 +130,98 @@ def serve(state: State) -> Optional[Work]:
             frame = state.chan.receive()
         except BrokenChannelError:
             return None  # the parent closed our socket or died: exit quietly
+        except (ProtocolError, FdTableFullError, MemoryError) as exc:
+            _last_words(state, exc)  # the stream is unusable from here on
+            return None
         assert frame is not None  # blocking channel
-        kind = frame.kind
-        if kind != P.FORK:
-            state.single_threaded = False  # the command may run code that starts threads
-        if kind == P.FORK:
-            work = do_fork(state, frame)
-            if work is not None:
-                return work
-            continue
-        if kind == P.SPAWN:  # replies on its own pipe, errors included
-            do_spawn(state, frame)
-            continue
-        name = P.NAMES.get(kind, f"kind {kind}")
-        if kind in _HANDLERS:
-            if state.broken is None:
-                try:
-                    _HANDLERS[kind](state, frame)
-                except BaseException as exc:
-                    state.broken = P.encode_error(exc, name)
-            else:
-                for fd in frame.fds:
-                    os.close(fd)
-            continue
-        if state.broken is not None:
-            state.chan.send(P.ERROR, state.broken)
-            continue
-        if kind in _REPLYING:
+        try:
+            work = _dispatch(state, frame)
+        except BrokenChannelError:
+            return None  # a reply could not be sent: the parent is gone
+        if work is not None:
+            return work
+
+
+def _dispatch(state: State, frame: Frame) -> Optional[Work]:
+    """Serve one frame; the work to do for a RUN that resolved."""
+    kind = frame.kind
+    if kind != P.FORK:
+        state.single_threaded = False  # the command may run code that starts threads
+    if kind == P.FORK:
+        if not frame.fds:  # no socket for the clone: nowhere to greet or fail
+            return _malformed(state, frame, "a fork command without the new socket")
+        return do_fork(state, frame)
+    if kind == P.SPAWN:  # replies on its own socket, errors included
+        if not frame.fds:
+            return _malformed(state, frame, "a spawn command without its reply socket")
+        do_spawn(state, frame)
+        return None
+    if kind in _HANDLERS:
+        if state.broken is None:
             try:
-                _REPLYING[kind](state, frame)
+                _HANDLERS[kind](state, frame)
             except BaseException as exc:
-                state.reply_error(exc, name)
-            else:
-                state.chan.send(P.RESULT)
-            continue
-        if kind == P.RUN:
-            try:
-                func, opts = resolve(state, frame)
-            except BaseException as exc:
-                state.reply_error(exc, name)
-                continue
-            state.chan.send(P.RUNNING)
-            return func, state.sent, opts
-        raise ForkserverError(f"template {os.getpid()}: unknown command kind {kind}")
+                state.broken = P.encode_error(exc, P.NAMES[kind])
+        else:
+            _close_fds(frame.fds)
+        return None
+    if kind not in P.REPLYING:
+        return _malformed(state, frame, f"unknown command kind {kind}")
+    try:
+        call_id, body = P.split_call(frame.payload)
+    except ValueError as exc:
+        return _malformed(state, frame, str(exc))
+    if frame.fds:
+        _close_fds(frame.fds)
+        exc = ProtocolError(f"a {P.NAMES[kind]} command came with {len(frame.fds)} fds")
+        state.broken = state.broken or P.encode_error(exc, P.NAMES[kind])
+    if state.broken is not None:
+        state.chan.send(P.ERROR, P.with_call(call_id, state.broken))
+        return None
+    name = P.NAMES[kind]
+    body_frame = Frame(kind, body, [])
+    if kind == P.RUN:
+        try:
+            func, opts = resolve(state, body_frame)
+        except BaseException as exc:
+            state.chan.send(P.ERROR, P.with_call(call_id, P.encode_error(exc, name)))
+            return None
+        state.chan.send(P.RUNNING, P.with_call(call_id))
+        return func, state.sent, opts
+    try:
+        _REPLYING[kind](state, body_frame)
+    except BaseException as exc:
+        state.chan.send(P.ERROR, P.with_call(call_id, P.encode_error(exc, name)))
+    else:
+        state.chan.send(P.RESULT, P.with_call(call_id))
+    return None
+
+
+def _malformed(state: State, frame: Frame, why: str) -> None:
+    """Refuse a frame that does not follow the protocol: close its fds, break the template."""
+    _close_fds(frame.fds)
+    if state.broken is None:
+        exc = ProtocolError(
+            f"template {os.getpid()}: {why}; this template refuses every command from now on"
+        )
+        state.broken = P.encode_error(exc, P.NAMES.get(frame.kind, f"kind {frame.kind}"))
+    return None
+
+
+def _close_fds(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _last_words(state: State, exc: BaseException) -> None:
+    """Tell the parent why we stop serving (an ERROR of call id 0), if it still listens."""
+    try:
+        state.chan.send(P.ERROR, P.with_call(0, P.encode_error(exc, "the command loop")))
+    except BaseException:
+        pass  # it does not: exiting is all that is left
 
 
 def _work(chan: FdChannel, work: Work) -> int:
@@ -238,7 +319,10 @@ def main(fd: int = 3) -> int:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=fd)
     sock.setblocking(True)
     chan = FdChannel(sock)
-    greet(chan)
+    try:
+        greet(chan)
+    except BrokenChannelError:
+        return 0  # the parent is gone already
     state = State(chan)
     set_title("fs:template")
     work = serve(state)
