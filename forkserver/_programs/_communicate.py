@@ -8,6 +8,12 @@ stdin is writable (a write of at most ``PIPE_BUF`` bytes to a pipe that
 polled writable never blocks), output is read as it comes, so the program
 never blocks on a full pipe while we block on another.  The state survives a
 ``TimeoutExpired``, so a second call goes on where the first stopped.
+
+It survives a ``KeyboardInterrupt`` the same way: each read is stored, and
+each write counted, with Ctrl-C deferred between the syscall and the
+statement that records it (``_interrupts``), so the interrupt comes in the
+``poll`` wait or between two steps, and a second ``communicate()`` returns
+every byte exactly once.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import select
 import subprocess
 import time
 from typing import Any, Dict, List, Optional, Tuple
+
+from .._interrupts import deferred
 
 _PIPE_BUF = select.PIPE_BUF
 _READ = 32768
@@ -61,14 +69,15 @@ class _State:
             return False
         ms = None if timeout is None else int(timeout * 1000) + 1
         for fd, _ in poller.poll(ms):
-            if self.stdin is not None and fd == self.stdin.fileno():
-                self._write()
-            elif fd in self.streams:
-                data = os.read(fd, _READ)
-                if data:
-                    self.chunks[fd].append(data)
-                else:
-                    self.streams.pop(fd).close()
+            with deferred():  # the read and its record, or neither
+                if self.stdin is not None and fd == self.stdin.fileno():
+                    self._write()
+                elif fd in self.streams:
+                    data = os.read(fd, _READ)
+                    if data:
+                        self.chunks[fd].append(data)
+                    else:
+                        self.streams.pop(fd).close()
         return True
 
     def _write(self) -> None:

@@ -36,7 +36,7 @@ import sys
 from typing import Any, NoReturn, Optional
 
 from .. import _protocol as P
-from .._errors import BrokenChannelError, FdTableFullError, ProtocolError
+from .._errors import BrokenChannelError, ClosedError, FdTableFullError, ProtocolError
 from .._fds import FdChannel, Frame, drop_reserve
 from ._exec import do_spawn
 from ._fork import do_fork
@@ -128,15 +128,16 @@ def serve(state: State) -> Optional[Work]:
     while True:
         try:
             frame = state.chan.receive()
-        except BrokenChannelError:
-            return None  # the parent closed our socket or died: exit quietly
+        except (BrokenChannelError, ClosedError):
+            # The parent closed our socket or died (a send that failed on it closed it).
+            return None
         except (ProtocolError, FdTableFullError, MemoryError) as exc:
             _last_words(state, exc)  # the stream is unusable from here on
             return None
         assert frame is not None  # blocking channel
         try:
             work = _dispatch(state, frame)
-        except BrokenChannelError:
+        except (BrokenChannelError, ClosedError):
             return None  # a reply could not be sent: the parent is gone
         if work is not None:
             return work
