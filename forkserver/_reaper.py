@@ -265,9 +265,22 @@ class _Reaper:
 
     def _run(self) -> None:
         set_name(b"forkserver-reap")
+        failures = 0
         try:
-            while self._round():
-                pass
+            while True:
+                try:
+                    if not self._round():
+                        break
+                    failures = 0
+                except BaseException:
+                    # A bug of ours, or MemoryError: the entries are still there;
+                    # back off a little (never spin) and go on.
+                    self.errors += 1
+                    failures += 1
+                    try:
+                        select.select([], [], [], min(1.0, 0.01 * 2**failures))
+                    except BaseException:
+                        pass
         finally:
             with self._start_lock:
                 self._running = False

@@ -188,3 +188,26 @@ def mark(control, *args):
 def arg_sizes(control, *args):
     """Send back the length of each sent item."""
     send_obj(control, [len(a) for a in args])
+
+
+def report_fd_table(control, *args):
+    """Send back ``TABLE``, what an ``eval`` in the template measured of its fd table."""
+    send_obj(control, globals().get("TABLE"))
+
+
+def interrupt_parent_then_sleep(seconds):
+    """Unpickled in a template (``send_arg(InterruptWhenLoaded(s))``): Ctrl-C the test, stay busy."""
+    import time
+
+    os.kill(int(os.environ.get("FORKSERVER_TEST_PARENT", os.getppid())), signal.SIGINT)
+    time.sleep(seconds)
+
+
+class InterruptWhenLoaded:
+    """A value whose unpickling in a template sends SIGINT to the test process, then takes a while."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def __reduce__(self):
+        return (interrupt_parent_then_sleep, (self.seconds,))
