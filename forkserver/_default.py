@@ -14,7 +14,8 @@ import os
 import threading
 from typing import Any, Callable, Optional
 
-from ._errors import BrokenChannelError
+from ._errors import BrokenChannelError, ProtocolError
+from ._interrupts import deferred
 from ._link import WAIT
 
 
@@ -26,8 +27,12 @@ class _Default:
         self.template: Any = None  # a Template
 
     def get(self, start: Callable[[], Any]) -> Any:
-        """The default template; ``start()`` makes a new one when there is none or it died."""
-        with self.lock:
+        """The default template; ``start()`` makes a new one when there is none or it died.
+
+        Ctrl-C is deferred: a template started here is the registry's before
+        the interrupt comes.
+        """
+        with deferred(), self.lock:
             tpl = self.template
             if tpl is not None and not _alive(tpl):
                 self.template = tpl = None
@@ -75,10 +80,8 @@ def _alive(tpl: Any) -> bool:
         try:
             while tpl._step("check") is not WAIT:
                 pass
-        except BaseException:
-            if tpl._status in ("closed", "broken", "running"):
-                return False
-            raise
+        except (BrokenChannelError, ProtocolError):  # BrokenTemplateError included: it died
+            return False
         return True
 
 

@@ -41,6 +41,7 @@ _MAIN = threading.main_thread().ident
 class _State:
     depth = 0  # nesting of deferred() in the main thread
     saved = None  # the handler we swapped out (None: nothing swapped)
+    original = None  # the last handler swapped out, kept to repair a region cut short
     pending = False  # a SIGINT came while deferred
     allowed = False  # inside allowed(): deliver at once
 
@@ -66,9 +67,11 @@ class deferred:
         st = _st
         if st.depth == 0:
             current = _signal.getsignal(_SIGINT)
+            if current is _deferring and st.saved is None:
+                current = st.original  # a region's exit was cut short: repair it
             if callable(current) and current is not _deferring:
                 _signal.signal(_SIGINT, _deferring)
-                st.saved = current
+                st.saved = st.original = current
         st.depth += 1
         return self
 

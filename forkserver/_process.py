@@ -141,6 +141,8 @@ class Child:
         (None for a stream that is not a pipe); after ``timeout`` seconds
         raises ``subprocess.TimeoutExpired`` and the child keeps running --
         call ``communicate()`` again (nothing read is lost) or ``kill()`` it.
+        The same after a ``KeyboardInterrupt``; passing the same ``input``
+        object again is fine, it is not written twice.
         """
         if self._communicate is None:  # no pipes to serve (a worker): just the wait
             if input is not None:

@@ -164,9 +164,8 @@ class _Reaper:
         self._lock = threading.Lock()  # held by the thread while it works on its entries
         self._inbox: Deque = deque()  # handed over, not yet taken by the thread
         self._entries: Dict[int, object] = {}  # polled fd -> entry
-        self._start_lock = _thread.allocate_lock()
+        self._start_lock = threading.RLock()
         self._running = False
-        self._kicked = False
         self._idle = threading.Condition(threading.Lock())
         self._wake_r = self._wake_w = -1
         self.errors = 0  # entries dropped after an error
@@ -210,30 +209,30 @@ class _Reaper:
     adopt_greeting = adopt_channel  # the older name
 
     def _hand(self, entry: object) -> None:
-        self._inbox.append(entry)  # atomic: no lock
-        self._kick()
+        # One statement: queued and kicked, or neither (the append is atomic).
+        self._inbox.append(entry) or self._kick()
 
     def _kick(self) -> None:
-        """Make sure the thread runs and looks at its inbox.  Never blocks."""
-        self._kicked = True
-        # If another holder has the start lock, it sees _kicked after its own
-        # round and goes once more: no request is lost.
-        while self._kicked and self._start_lock.acquire(False):
-            try:
-                self._kicked = False
-                if self._wake_r < 0:
-                    self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-                if not self._running:
-                    self._running = True
-                    try:
-                        _thread.start_new_thread(self._run, ())
-                    except BaseException:
-                        self._running = False
-                        raise
-                else:
-                    self._wake()
-            finally:
-                self._start_lock.release()
+        """Make sure the thread runs and looks at its inbox.
+
+        The start lock is reentrant and only ever held for a few statements:
+        a finalizer that hands over while this thread holds it (the garbage
+        collector runs anywhere) goes straight through.  If starting the
+        thread fails, the entry stays queued: the next hand-over, or
+        ``wait_idle``, starts it.
+        """
+        with self._start_lock:
+            if self._wake_r < 0:
+                self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            if self._running:
+                self._wake()
+                return
+            try:  # _running is True exactly when a thread was started
+                self._running = True
+                _thread.start_new_thread(self._run, ())
+            except BaseException:
+                self._running = False
+                raise
 
     def _wake(self) -> None:
         try:
@@ -245,7 +244,13 @@ class _Reaper:
 
     def pending(self) -> int:
         """How many processes and channels are still waited for."""
+        self._repair()
         return len(self._entries) + len(self._inbox)
+
+    def _repair(self) -> None:
+        """Start the thread if a hand-over was cut short (see ``_kick``)."""
+        if self._inbox and not self._running:
+            self._kick()
 
     @property
     def running(self) -> bool:
@@ -254,6 +259,7 @@ class _Reaper:
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until nothing is pending and the thread has ended; False on timeout."""
+        self._repair()
         with self._idle:
             return self._idle.wait_for(lambda: not self._running and not self._inbox, timeout)
 
@@ -266,28 +272,27 @@ class _Reaper:
     def _run(self) -> None:
         set_name(b"forkserver-reap")
         failures = 0
-        try:
-            while True:
+        while True:
+            try:
+                more = self._round()
+                failures = 0
+            except BaseException:
+                # A bug of ours, or MemoryError: the entries are still there;
+                # back off a little (never spin) and go on.
+                self.errors += 1
+                failures += 1
+                more = True
                 try:
-                    if not self._round():
-                        break
-                    failures = 0
+                    select.select([], [], [], min(1.0, 0.01 * 2**failures))
                 except BaseException:
-                    # A bug of ours, or MemoryError: the entries are still there;
-                    # back off a little (never spin) and go on.
-                    self.errors += 1
-                    failures += 1
-                    try:
-                        select.select([], [], [], min(1.0, 0.01 * 2**failures))
-                    except BaseException:
-                        pass
-        finally:
-            with self._start_lock:
-                self._running = False
-            if self._kicked or self._inbox:
-                self._kick()  # handed over while we were ending
-            with self._idle:
-                self._idle.notify_all()
+                    pass
+            if not more:
+                with self._start_lock:  # a hand-over now either sees us running or starts anew
+                    if not self._inbox and not self._entries:
+                        self._running = False
+                        break
+        with self._idle:
+            self._idle.notify_all()
 
     def _round(self) -> bool:
         """Wait for and handle what is ready; False once nothing is left."""
@@ -372,9 +377,9 @@ class _Reaper:
     def after_fork_child(self) -> None:
         # Those processes are not this child's children; the thread is gone.
         self._lock = threading.Lock()
-        self._start_lock = _thread.allocate_lock()
+        self._start_lock = threading.RLock()
         self._idle = threading.Condition(threading.Lock())
-        self._running = self._kicked = False
+        self._running = False
         entries = list(self._entries.values()) + list(self._inbox)
         self._entries, self._inbox = {}, deque()
         for entry in entries:

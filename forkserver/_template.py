@@ -84,6 +84,18 @@ class Template(Link, Cloning):
     ``run``, consumed with its worker killed): see the module docs.
     """
 
+    # Defaults of an object whose _adopt() was cut short: it owns nothing.
+    _chan = None
+    _pidfd = None
+    _status = "closed"
+    _run_sent = False
+    _owner = None
+    _spare = None
+    _prelude: Any = ()
+    _pending: Any = ()
+    _base = None
+    _refill_after_run = None
+
     def __init__(
         self,
         *,
@@ -149,7 +161,6 @@ class Template(Link, Cloning):
         self._status = "starting"  # pending, starting, ready, running, closed, broken
         self._run_sent = False  # a RUN went to its process: abandoned, it is killed
         self._owner = os.getpid()
-        _live.add(self)
         # A fork() is deferred until it is needed ("pending"): its first
         # send_arg/send_fh calls ride along with the FORK command, and a
         # run() fuses with it, so the clone starts the worker at once.
@@ -166,6 +177,7 @@ class Template(Link, Cloning):
         # spare is made").
         self._refill_after_run: Optional[Template] = None
         self._refill_after_exit = False
+        _live.add(self)  # last: a template ended at exit is a whole one
 
     @classmethod
     def new_exec(
@@ -192,8 +204,12 @@ class Template(Link, Cloning):
         ctx["gc_freeze"] = gc_freeze
         with deferred():
             tpl = _exec_template(cls, python or sys.executable, env, "Template.new_exec()")
-            tpl._keep_spare = spare
-            tpl._setup(ctx)
+            try:
+                tpl._keep_spare = spare
+                tpl._setup(ctx)
+            except BaseException:
+                tpl._abandon()
+                raise
         return tpl
 
     def _setup(self, ctx: Dict[str, Any], fds: Sequence[int] = (), opened: Optional[List[int]] = None) -> None:
@@ -527,7 +543,11 @@ def _discard_child(child: Child) -> None:
 def _exec_template(cls: Any, python: str, env: Optional[Mapping[str, str]], origin: str) -> Template:
     """A template object owning a freshly exec'd interpreter (see ``_boot``)."""
     tpl = cls._from_channel(None, origin)
-    exec_interpreter(python, dict(os.environ if env is None else env), tpl)
+    try:
+        exec_interpreter(python, dict(os.environ if env is None else env), tpl)
+    except BaseException:
+        tpl._abandon()  # a process made before the error goes to the reaper
+        raise
     return tpl
 
 

@@ -13,7 +13,9 @@ It survives a ``KeyboardInterrupt`` the same way: each read is stored, and
 each write counted, with Ctrl-C deferred between the syscall and the
 statement that records it (``_interrupts``), so the interrupt comes in the
 ``poll`` wait or between two steps, and a second ``communicate()`` returns
-every byte exactly once.
+every byte exactly once.  The second call may pass the same input object
+again (so ``communicate(data)`` can simply be retried): what was written
+already is not written twice.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ _READ = 32768
 
 class _State:
     def __init__(self, child: Any, data: Optional[bytes]) -> None:
+        self.input = data  # as given: a later call may pass the same object again
         self.view = memoryview(data or b"").cast("B")
         self.offset = 0
         self.fds = [
@@ -73,10 +76,10 @@ class _State:
                 if self.stdin is not None and fd == self.stdin.fileno():
                     self._write()
                 elif fd in self.streams:
-                    data = os.read(fd, _READ)
-                    if data:
-                        self.chunks[fd].append(data)
-                    else:
+                    chunks = self.chunks[fd]
+                    chunks.append(os.read(fd, _READ))  # read and kept in one statement
+                    if not chunks[-1]:  # EOF
+                        chunks.pop()
                         self.streams.pop(fd).close()
         return True
 
@@ -102,11 +105,12 @@ def communicate(
             )
         state = child._comm = _State(child, data)
     else:
-        if data:
-            raise ValueError(
-                f"communicate() on {child!r}: input can only be given on the first call"
-            )
         state = child._comm
+        if data and data is not state.input:
+            raise ValueError(
+                f"communicate() on {child!r}: input can only be given on the first call "
+                "(or the same object again, after an interruption: it is not written twice)"
+            )
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())

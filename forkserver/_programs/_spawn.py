@@ -255,19 +255,22 @@ def send(tpl: Any, plan: _Plan) -> FdChannel:
     reaper (``abandon``): a program may exist.
     """
     ours, theirs = socketpair()
+    reply = None
     try:
         ours.setblocking(False)
         reply = FdChannel(ours)
-        try:
-            with tpl._lock:
-                tpl._send(P.SPAWN, plan.payload, [theirs, *plan.send])
-                tpl._drain("spawn")  # the template must get all of it before we wait
-        except BaseException:
-            abandon(tpl, reply)  # nothing reached the template: EOF ends it at once
-            raise
-    finally:
+        with tpl._lock:
+            tpl._send(P.SPAWN, plan.payload, [theirs, *plan.send])
+            tpl._drain("spawn")  # the template must get all of it before we wait
         theirs.close()
-    return reply
+        return reply
+    except BaseException:
+        if reply is None:
+            ours.close()
+        else:
+            abandon(tpl, reply)  # if nothing reached the template, EOF ends it at once
+        theirs.close()
+        raise
 
 
 def read_reply(tpl: Any, reply: FdChannel) -> Frame:
@@ -426,9 +429,13 @@ def spawn(
     environment, directory and stdio unless overridden -- the template only
     provides the cheap process creation.
     """
-    plan = prepare(
-        argv, stdin, stdout, stderr, env, cwd, pass_fds, start_new_session, process_group
-    )
-    if template is not None:
-        return spawn_from(template, plan)
-    return spawn_from(default_template(), plan, retry_default=True)
+    with deferred():
+        plan = prepare(
+            argv, stdin, stdout, stderr, env, cwd, pass_fds, start_new_session, process_group
+        )
+        try:
+            tpl = default_template() if template is None else template
+        except BaseException:
+            plan.discard()
+            raise
+        return spawn_from(tpl, plan, retry_default=template is None)
