@@ -30,14 +30,21 @@ from ._template import _AGAIN, _WAIT, Target, Template, _ids
 
 __all__ = ["require", "eval", "run", "wait", "AsyncChild"]
 
-_locks: "weakref.WeakKeyDictionary[Template, asyncio.Lock]" = weakref.WeakKeyDictionary()
+_locks: "weakref.WeakKeyDictionary[Template, tuple]" = weakref.WeakKeyDictionary()
 
 
 def _lock_for(tpl: Template) -> asyncio.Lock:
-    lock = _locks.get(tpl)
-    if lock is None:
-        lock = _locks[tpl] = asyncio.Lock()
-    return lock
+    """The template's asyncio lock for the running loop.
+
+    One per loop: a loop stopped by a ``KeyboardInterrupt`` may leave its
+    coroutines suspended, holding the lock, forever; the template itself is
+    consistent (see the module docs), so the next loop starts with a new one.
+    """
+    loop = asyncio.get_running_loop()
+    entry = _locks.get(tpl)
+    if entry is None or entry[0]() is not loop:
+        entry = _locks[tpl] = (weakref.ref(loop), asyncio.Lock())
+    return entry[1]
 
 
 async def _fd_ready(fd: int, write: bool = False, delay: Optional[float] = None) -> None:

@@ -187,10 +187,25 @@ def run_injected_async(make_coro: Callable[[], Any], n: int, mode: str) -> "tupl
     except BaseException as e:  # noqa: B036
         exc = e
     finally:
-        loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.close()
+        _shutdown(loop)
     last_where[0] = tracer.where
     return tracer.fired, exc, result
+
+
+def _shutdown(loop) -> None:
+    """What ``asyncio.run`` does at its end: cancel what is left, let it finish, close.
+
+    A ``KeyboardInterrupt`` raised outside the task (in a callback, in the
+    selector) stops the loop with the task suspended at an ``await``; the
+    cancellation resumes it there, as ``asyncio.run`` would.
+    """
+    pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    loop.close()
 
 
 def count_events_async(make_coro: Callable[[], Any]) -> "tuple":
