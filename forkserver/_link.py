@@ -227,20 +227,24 @@ class Link:
     def _hand_over(self, kill_after: Optional[float] = None) -> None:
         """Give the channel and pidfd to the reaper (doomed if a RUN was sent).  Never blocks.
 
-        Idempotent: the channel is forgotten in the statement that takes it.
+        Idempotent: the reaper takes them and we forget them in one statement
+        (``adopt_channel`` returns None once it has them, and raises only
+        before), so they are never owned twice, nor by nobody.
         """
-        chan, pidfd, self._chan, self._pidfd = self._chan, self._pidfd, None, None
-        if chan is None:
-            if pidfd is not None:
-                os.close(pidfd)
+        chan = self._chan
+        if chan is not None and chan.closed and chan.peer_pid is None:
+            held.discard(chan)
+            self._chan = None  # nothing to learn, nothing to reap
+        if self._chan is None:
+            if self._pidfd is not None:
+                self._pidfd = os.close(self._pidfd)  # os.close returns None
             return
-        self._gone_pid = chan.peer_pid
         held.discard(chan)
-        if chan.closed and chan.peer_pid is None:
-            if pidfd is not None:
-                os.close(pidfd)
-            return  # nothing to learn, nothing to reap
-        reaper.adopt_channel(chan, doomed=self._run_sent, pidfd=pidfd, kill_after=kill_after)
+        self._gone_pid = chan.peer_pid
+        with deferred():  # a Ctrl-C after the reaper took them, not before we forgot them
+            self._chan = self._pidfd = reaper.adopt_channel(
+                chan, doomed=self._run_sent, pidfd=self._pidfd, kill_after=kill_after
+            )
 
     def _give_up(self) -> None:
         """Tell a template whose greeting we have not read that we send nothing more.

@@ -246,7 +246,6 @@ class Child:
             if self.returncode is None and self._pidfd is not None:
                 from ._reaper import reaper
 
-                pidfd, self._pidfd = self._pidfd, None
-                reaper.adopt(self.pid, pidfd)
+                self._pidfd = reaper.adopt(self.pid, self._pidfd)  # handed over and forgotten at once
         except Exception:
             pass  # interpreter shutdown: the kernel reparents what is left

@@ -53,13 +53,17 @@ _DONE = object()
 class _PidEntry:
     """Reap ``pid`` once it exits; SIGKILL it at ``kill_at`` (monotonic) if given."""
 
-    def __init__(self, pid: int, pidfd: int, kill_at: Optional[float] = None) -> None:
+    def __init__(self, pid: int, pidfd: Optional[int], kill_at: Optional[float] = None) -> None:
         self.pid, self.pidfd, self.kill_at = pid, pidfd, kill_at
 
     def fileno(self) -> int:
-        return self.pidfd
+        return self.pidfd  # type: ignore[return-value]
 
     def step(self):
+        if self.pidfd is None:  # handed over by pid: open it here, checked (see _pidfd_of_child)
+            self.pidfd = _pidfd_of_child(self.pid)
+            if self.pidfd is None:
+                return _DONE  # gone already
         try:
             done = reap_pidfd(self.pidfd) is not None
         except ReapedElsewhere:
@@ -72,7 +76,8 @@ class _PidEntry:
     def expire(self) -> None:
         self.kill_at = None
         try:
-            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            if self.pidfd is not None:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
         except ProcessLookupError:
             pass  # it exited meanwhile
 
@@ -173,21 +178,13 @@ class _Reaper:
     # -- handing over (never blocks: finalizers call these) ------------------------
 
     def adopt(self, pid: int, pidfd: Optional[int] = None, kill_after: Optional[float] = None) -> None:
-        """Reap ``pid`` once it exits (``pidfd`` is taken over, or opened here).
+        """Reap ``pid`` once it exits (``pidfd`` is taken over, or opened by the thread).
 
         ``kill_after``: SIGKILL it if it still runs after that many seconds.
+        Returns None: ``x._pidfd = reaper.adopt(pid, x._pidfd)`` hands the
+        pidfd over and forgets it in one statement.  It raises only before
+        taking anything (so the caller still owns it then), never after.
         """
-        if pidfd is None:
-            if reaped(pid):
-                return
-            pidfd = open_pidfd(pid)
-        try:
-            done = reap_pidfd(pidfd) is not None
-        except ReapedElsewhere:
-            done = True
-        if done:
-            os.close(pidfd)
-            return
         kill_at = None if kill_after is None else time.monotonic() + kill_after
         self._hand(_PidEntry(pid, pidfd, kill_at))
 
@@ -203,13 +200,14 @@ class _Reaper:
         ``doomed``: SIGKILL the process as soon as its pid is known.
         ``pidfd``: its pidfd, if the caller has one (taken over).
         ``kill_after``: SIGKILL it if it has not exited that long after the close.
+        Returns None and raises only before taking anything, as ``adopt``.
         """
         self._hand(_ChanEntry(chan, doomed, pidfd, kill_after))
 
     adopt_greeting = adopt_channel  # the older name
 
     def _hand(self, entry: object) -> None:
-        # One statement: queued and kicked, or neither (the append is atomic).
+        # One statement: queued and kicked (which never raises), or neither.
         self._inbox.append(entry) or self._kick()
 
     def _kick(self) -> None:
@@ -217,22 +215,27 @@ class _Reaper:
 
         The start lock is reentrant and only ever held for a few statements:
         a finalizer that hands over while this thread holds it (the garbage
-        collector runs anywhere) goes straight through.  If starting the
-        thread fails, the entry stays queued: the next hand-over, or
-        ``wait_idle``, starts it.
+        collector runs anywhere) goes straight through.  Raises no error: if
+        starting the thread fails, the entry stays queued, and the next
+        hand-over, ``pending()`` or ``wait_idle()`` tries again.  (Callers
+        hand over with Ctrl-C deferred, so no ``KeyboardInterrupt`` comes
+        from here either.)
         """
-        with self._start_lock:
-            if self._wake_r < 0:
-                self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-            if self._running:
-                self._wake()
-                return
-            try:  # _running is True exactly when a thread was started
-                self._running = True
-                _thread.start_new_thread(self._run, ())
-            except BaseException:
-                self._running = False
-                raise
+        try:
+            with self._start_lock:
+                if self._wake_r < 0:
+                    self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+                if self._running:
+                    self._wake()
+                    return
+                try:  # _running is True exactly when a thread was started
+                    self._running = True
+                    _thread.start_new_thread(self._run, ())
+                except BaseException:
+                    self._running = False
+                    raise
+        except Exception:
+            self.errors += 1  # no thread now (EMFILE, EAGAIN): the entries wait for the next try
 
     def _wake(self) -> None:
         try:

@@ -533,9 +533,9 @@ def _discard_child(child: Child) -> None:
     try:
         child.kill()
     finally:
-        pidfd, child._pidfd = child._pidfd, None
-        if pidfd is not None:
-            reaper.adopt(child.pid, pidfd)
+        with deferred():
+            if child._pidfd is not None:
+                child._pidfd = reaper.adopt(child.pid, child._pidfd)  # handed over and forgotten at once
         if child.control is not None:
             child.control.close()
 

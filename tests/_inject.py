@@ -9,14 +9,15 @@ counts the *line* events in modules of the ``forkserver`` package.
   terminal sends it.  Python runs the handler at its next check; where
   forkserver defers ``KeyboardInterrupt`` (``forkserver._interrupts``) it
   comes at the end of that region instead.  This is what users meet.
-* ``"raise"``: ``KeyboardInterrupt`` raised right at that line, even inside
-  a deferred region -- a stand-in for any exception a statement can raise
-  (``MemoryError``).  The library must stay consistent, though it may give
-  a template up as broken.
+* ``"raise"``: ``Injected``, a ``MemoryError``, raised right at that line,
+  even inside a deferred region -- any statement can fail so.  The library
+  must stay consistent, though it may give a template up as broken, and
+  where an error is no failure of the call (the next spare could not be
+  asked for) the call goes on.  In a coroutine, only in the task's own code
+  (raised in an event loop callback, the loop would log and drop it).
 * ``"cancel"`` (coroutines): ``task.cancel()`` of the running task, so the
-  next ``await`` raises ``CancelledError``; ``"raise_cancel"`` raises
-  ``CancelledError`` right at the line -- of the task's own code: raised in
-  an event loop callback, the loop would log and drop it.
+  next ``await`` raises ``CancelledError`` -- the only place a cancellation
+  can come from.
 
 In mode ``raise`` a line that begins with a ``NOP`` (``try:`` on 3.11+) is
 skipped (see ``_at_nop``).  The statements of ``forkserver/_interrupts.py`` (the mask) are not
@@ -44,6 +45,10 @@ PACKAGE = os.path.dirname(os.path.abspath(forkserver.__file__)) + os.sep
 MASK = os.path.join(PACKAGE, "_interrupts.py")
 
 
+class Injected(MemoryError):
+    """The exception of mode ``raise``: a statement that ran out of memory."""
+
+
 class _Tracer:
     def __init__(self, target: Optional[int], mode: str, task: Any = None) -> None:
         self.target = target  # None: only count
@@ -67,8 +72,8 @@ class _Tracer:
             self.target is not None
             and self.events >= self.target
             and not _in_finalizer(frame)
-            and not (self.mode in ("raise", "raise_cancel") and _unrealistic(frame))
-            and not (self.mode == "raise_cancel" and _current_task() is not self.task)
+            and not (self.mode == "raise" and _unrealistic(frame))
+            and not (self.mode == "raise" and self.task is not None and _current_task() is not self.task)
         ):
             self.fired = True
             self.where = f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
@@ -76,11 +81,9 @@ class _Tracer:
             if self.mode == "signal":
                 signal.raise_signal(signal.SIGINT)
             elif self.mode == "raise":
-                raise KeyboardInterrupt(f"injected at event {self.events}")
+                raise Injected(f"injected at event {self.events}")
             elif self.mode == "cancel":
                 self.task.cancel()
-            elif self.mode == "raise_cancel":
-                raise asyncio.CancelledError(f"injected at event {self.events}")
             return None
         return self.local_trace
 

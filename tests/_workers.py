@@ -211,3 +211,14 @@ class InterruptWhenLoaded:
 
     def __reduce__(self):
         return (interrupt_parent_then_sleep, (self.seconds,))
+
+
+def refuse_to_load():
+    raise RuntimeError("this pickle refuses to load")
+
+
+class RaisesOnLoad:
+    """Pickles fine; unpickling it (in a template) raises RuntimeError."""
+
+    def __reduce__(self):
+        return (refuse_to_load, ())

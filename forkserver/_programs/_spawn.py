@@ -25,7 +25,7 @@ from .._process import Child
 from .._reaper import reaper
 from .._template import Template, default_template
 from .._default import _default
-from .._wait import open_pidfd, wait_readable
+from .._wait import wait_readable
 from ._communicate import communicate
 
 __all__ = ["CalledProcessError", "spawn"]
@@ -311,30 +311,41 @@ def finish(plan: _Plan, frame: Frame, reply: FdChannel) -> Child:
     if err:
         reaper.adopt(pid)  # it exited 127 right after failing; it is our child
         raise _exec_error(plan, err, stage)
-    pidfd = None
+    child = None
     try:
-        pidfd = open_pidfd(pid)
         files: List[Any] = [None, None, None]
         for i, fd in enumerate(plan.ours):
             if fd is not None:  # one statement: the file object owns it, the plan forgets it
                 files[i], plan.ours[i] = open(fd, "wb" if i == 0 else "rb"), None
-        child = Child(
-            pid, None, pidfd=pidfd, args=plan.args, stdin=files[0], stdout=files[1], stderr=files[2]
-        )
-        pidfd = None  # the Child owns it
+        # The Child opens its pidfd: from the statement that makes it, it owns the process.
+        child = Child(pid, None, args=plan.args, stdin=files[0], stdout=files[1], stderr=files[2])
         child._communicate = communicate
         return child
     except BaseException:
-        _kill(pid, pidfd)
+        if child is None:
+            _kill(pid)
+        else:
+            _lose(child)
         raise
 
 
-def _kill(pid: int, pidfd: Optional[int]) -> None:
-    """A program the caller will not get: SIGKILL it and let the reaper reap it."""
+def _kill(pid: int) -> None:
+    """A program the caller will not get (and no Child owns): SIGKILL it, let the reaper reap it."""
     try:
         os.kill(pid, signal.SIGKILL)  # still our unreaped child: the pid cannot be reused
     finally:
-        reaper.adopt(pid, pidfd)
+        reaper.adopt(pid)
+
+
+def _lose(child: Child) -> None:
+    """A Child the caller will not get: SIGKILL it, let the reaper reap it."""
+    try:
+        child.kill()
+    finally:
+        with deferred():
+            if child._pidfd is not None:
+                child._pidfd = reaper.adopt(child.pid, child._pidfd)  # handed over and forgotten at once
+        child.close()
 
 
 def _exec_error(plan: _Plan, err: int, stage: int) -> OSError:

@@ -32,6 +32,7 @@ import linecache
 import os
 import signal
 import socket
+import stat
 import sys
 from typing import Any, NoReturn, Optional
 
@@ -149,11 +150,11 @@ def _dispatch(state: State, frame: Frame) -> Optional[Work]:
     if kind != P.FORK:
         state.single_threaded = False  # the command may run code that starts threads
     if kind == P.FORK:
-        if not frame.fds:  # no socket for the clone: nowhere to greet or fail
-            return _malformed(state, frame, "a fork command without the new socket")
+        if not frame.fds or not _is_socket(frame.fds[0]):  # nowhere to greet or fail
+            return _malformed(state, frame, "a fork command without a socket for the clone")
         return do_fork(state, frame)
     if kind == P.SPAWN:  # replies on its own socket, errors included
-        if not frame.fds:
+        if not frame.fds or not _is_socket(frame.fds[0]):
             return _malformed(state, frame, "a spawn command without its reply socket")
         do_spawn(state, frame)
         return None
@@ -207,6 +208,13 @@ def _malformed(state: State, frame: Frame, why: str) -> None:
         )
         state.broken = P.encode_error(exc, P.NAMES.get(frame.kind, f"kind {frame.kind}"))
     return None
+
+
+def _is_socket(fd: int) -> bool:
+    try:
+        return stat.S_ISSOCK(os.fstat(fd).st_mode)
+    except OSError:
+        return False
 
 
 def _close_fds(fds) -> None:
