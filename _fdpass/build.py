@@ -22,9 +22,10 @@ ffibuilder.cdef(
     };
     long fdp_recv(int sock, char *buf, size_t len, int *fds, int maxfds,
                   struct fdp_cursor *cur, int flags);
-    int fdp_fork_sibling(int announce_fd, const char *prefix, int prefix_len);
+    int fdp_fork_sibling(int announce_fd, const char *prefix, int prefix_len, int *ptid);
     int fdp_dup_many(int model, int *out, int n);
     int fdp_close_many(const int *fds, int n);
+    void *fdp_map_shared(int fd, size_t len);
     int fdp_gettid(void);
     int fdp_set_name(const char *name);
 
@@ -46,6 +47,7 @@ ffibuilder.cdef(
         int announce_fd;
         const char *announce;
         int announce_len;
+        int *ptid;
         int err;
         int stage;
     };

@@ -12,6 +12,7 @@
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -170,7 +171,16 @@ long fdp_recv(int sock, char *buf, size_t len, int *fds, int maxfds,
  * its own pid (a native int32) to `announce_fd` (-1: no announcement), a
  * socket to the parent.  From then on the pid is in the parent's socket,
  * whatever happens to us or to the new process.  `prefix` is at most 16
- * bytes (a frame header, built by the caller). */
+ * bytes (a frame header, built by the caller).
+ *
+ * A process SIGKILLed before its first instruction writes nothing, and on a
+ * busy machine a new process may wait milliseconds for a CPU.  So with
+ * `ptid` non-NULL the clone also gets CLONE_PARENT_SETTID: the kernel
+ * stores the new pid at `ptid` before the new process is ever woken, and
+ * before this call returns to user space -- where a pending SIGKILL of ours
+ * would strike.  `ptid` points into a page the parent shares with us (a
+ * memfd, forkserver/_slots.py), so the parent can always read the pid,
+ * even if both we and the new process die at once. */
 static void announce_pid(int fd, const char *prefix, int prefix_len)
 {
     char buf[32];
@@ -189,7 +199,7 @@ static void announce_pid(int fd, const char *prefix, int prefix_len)
      * follows, which sees the same broken socket. */
 }
 
-int fdp_fork_sibling(int announce_fd, const char *prefix, int prefix_len)
+int fdp_fork_sibling(int announce_fd, const char *prefix, int prefix_len, int *ptid)
 {
     PyGILState_STATE gil;
     long pid;
@@ -199,7 +209,9 @@ int fdp_fork_sibling(int announce_fd, const char *prefix, int prefix_len)
     PyOS_BeforeFork();
     /* x86_64/aarch64 argument order: flags, stack, parent_tid, child_tid, tls.
      * (s390 swaps the first two; we support x86_64 and aarch64.) */
-    pid = syscall(SYS_clone, (unsigned long)(CLONE_PARENT | SIGCHLD), NULL, NULL, NULL, 0UL);
+    pid = syscall(SYS_clone,
+                  (unsigned long)(CLONE_PARENT | SIGCHLD | (ptid != NULL ? CLONE_PARENT_SETTID : 0)),
+                  NULL, ptid, NULL, 0UL);
     saved_errno = errno;
     if (pid == 0) {
         announce_pid(announce_fd, prefix, prefix_len);
@@ -240,6 +252,15 @@ int fdp_close_many(const int *fds, int n)
     if (rc < 0)
         errno = err;
     return rc;
+}
+
+/* Map `len` bytes of `fd` shared and writable; NULL (errno set) on failure.
+ * Python's mmap module keeps a dup of the fd for as long as the mapping
+ * lives; this keeps none, so a template and its clones carry no extra fd. */
+void *fdp_map_shared(int fd, size_t len)
+{
+    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    return p == MAP_FAILED ? NULL : p;
 }
 
 /* The calling thread's kernel tid (glibc < 2.30 has no gettid()). */
@@ -538,8 +559,12 @@ int fdp_spawn_sibling(struct fdp_spawn_args *a)
     if (syscall(SYS_rt_sigprocmask, SIG_SETMASK, &all, &ctx.mask, sizeof all) < 0)
         return -1;
     /* Stacks grow down on every architecture we support: pass the top. */
+    /* CLONE_PARENT_SETTID: the pid is in the parent's shared page before
+     * the child runs (see fdp_fork_sibling). */
     pid = clone(spawn_child, stack + sizeof stack,
-                CLONE_VM | CLONE_VFORK | CLONE_PARENT | SIGCHLD, &ctx);
+                CLONE_VM | CLONE_VFORK | CLONE_PARENT | SIGCHLD
+                    | (a->ptid != NULL ? CLONE_PARENT_SETTID : 0),
+                &ctx, a->ptid);
     err = errno;
     syscall(SYS_rt_sigprocmask, SIG_SETMASK, &ctx.mask, NULL, sizeof ctx.mask);
     errno = err;

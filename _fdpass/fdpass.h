@@ -12,9 +12,10 @@ struct fdp_cursor {
 };
 long fdp_recv(int sock, char *buf, size_t len, int *fds, int maxfds,
               struct fdp_cursor *cur, int flags);
-int fdp_fork_sibling(int announce_fd, const char *prefix, int prefix_len);
+int fdp_fork_sibling(int announce_fd, const char *prefix, int prefix_len, int *ptid);
 int fdp_dup_many(int model, int *out, int n);
 int fdp_close_many(const int *fds, int n);
+void *fdp_map_shared(int fd, size_t len);
 int fdp_gettid(void);
 int fdp_set_name(const char *name);
 
@@ -37,6 +38,7 @@ struct fdp_spawn_args {
     int announce_fd;         /* -1, or where the child writes `announce` + its pid first */
     const char *announce;    /*   (a frame header, at most 16 bytes) */
     int announce_len;
+    int *ptid;               /* NULL, or where the kernel stores the pid (CLONE_PARENT_SETTID) */
     int err;                 /* out: errno of the failed step, 0 if execve ran */
     int stage;               /* out: FDP_STAGE_* of that step */
 };

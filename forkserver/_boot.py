@@ -14,18 +14,21 @@ come between the process's birth and an owner that can reap it.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import sys
 from typing import Any, Dict, Tuple
 
 from ._fds import FdChannel, socketpair
 from ._interrupts import deferred
+from ._slots import FD as SLOTS_FD
+from ._slots import region
 from ._wait import open_pidfd
 
-_BOOT = (  # the command socket is fd 3; nothing else inherited stays open
+_BOOT = (  # the command socket is fd 3, the pid slots fd 4; nothing else inherited stays open
     "import sys; sys.path.insert(0, {path!r}); "
     "from forkserver._server._loop import close_inherited, main, finish; "
-    "close_inherited(3); finish(main(3))"
+    "close_inherited(3, 4); finish(main(3, 4))"
 )
 
 Parts = Tuple[FdChannel, int, int]  # our channel, the pid, its pidfd
@@ -39,14 +42,17 @@ def exec_interpreter(python: str, env: Dict[str, str], owner: Any) -> None:
     """
     ours, theirs = socketpair()
     child_fd = theirs.fileno()
+    slots_fd = region.fileno()
     pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     argv = [python, "-c", _BOOT.format(path=pkg_parent)]
     try:
         ours.setblocking(False)
         chan = FdChannel(ours)
         owner._own(chan)  # from here on the owner ends whatever is made
-        if child_fd == 3:  # dup2(3, 3) would leave close-on-exec set
-            child_fd = os.dup(3)
+        if child_fd in (3, 4):  # dup2(n, n) would leave close-on-exec set; 4 is the slots' place
+            child_fd = fcntl.fcntl(child_fd, fcntl.F_DUPFD_CLOEXEC, 5)
+        if slots_fd in (3, 4):
+            slots_fd = fcntl.fcntl(slots_fd, fcntl.F_DUPFD_CLOEXEC, 5)
         with deferred():
             chan.peer_pid = os.posix_spawn(
                 python,
@@ -55,12 +61,15 @@ def exec_interpreter(python: str, env: Dict[str, str], owner: Any) -> None:
                 file_actions=[
                     (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                     (os.POSIX_SPAWN_DUP2, child_fd, 3),
+                    (os.POSIX_SPAWN_DUP2, slots_fd, SLOTS_FD),
                 ],
             )
             owner._pidfd = open_pidfd(chan.peer_pid)
     finally:
         if child_fd != theirs.fileno():
             os.close(child_fd)
+        if slots_fd != region.fileno():
+            os.close(slots_fd)
         theirs.close()
 
 
@@ -72,6 +81,7 @@ def fork_this_process() -> Parts:
     """
     from ._server._loop import finish, main
 
+    region.fileno()  # the pid slots exist before the fork: the new template shares them
     ours, theirs = socketpair()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -20,6 +20,7 @@ from . import _protocol as P
 from ._errors import BrokenChannelError, BrokenTemplateError
 from ._fds import FdChannel, socketpair
 from ._interrupts import allowed, deferred
+from ._slots import region
 from ._wait import drain
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -65,8 +66,8 @@ class Cloning:
             ready = self._start_from_spare(base, run, call_id)
             if ready is None:
                 prelude = [(k, p, len(d)) for k, p, d in self._prelude]
-                payload = P.dumps({"prelude": prelude, "run": run, "call": call_id})
-                base._request_fork(self, payload, [fd for _, _, d in self._prelude for fd in d])
+                spec = {"prelude": prelude, "run": run, "call": call_id}
+                base._request_fork(self, spec, [fd for _, _, d in self._prelude for fd in d])
         except BaseException:
             if self._status == "pending":
                 self._status, self._run_sent = "broken", False  # no process was made
@@ -171,10 +172,10 @@ class Cloning:
 
     def _new_clone(self, after: Optional[int] = None, spare: bool = False) -> Any:
         """A clone; a ``spare`` one rehearses before it greets (made ``after`` that worker)."""
-        payload = P.dumps({"spare": True, "after": after}) if spare else b""
+        spec = {"spare": True, "after": after} if spare else {}
         clone = type(self)._from_channel(None, f"{self._origin}.fork()")
         clone._main_ok, clone._keep_spare = self._main_ok, self._keep_spare
-        self._request_fork(clone, payload)
+        self._request_fork(clone, spec)
         return clone
 
     def _refill(self, after: Optional[int] = None) -> None:
@@ -197,14 +198,22 @@ class Cloning:
         if spare is not None:
             spare._abandon()
 
-    def _request_fork(self, target: Any, payload: bytes = b"", extra_fds: Sequence[int] = ()) -> None:
-        """Send FORK; ``target`` (a template object) owns the new socket before it is sent."""
+    def _request_fork(self, target: Any, spec: dict, extra_fds: Sequence[int] = ()) -> None:
+        """Send FORK; ``target`` (a template object) owns the new socket before it is sent.
+
+        The new channel takes a pid slot (``_slots``): the kernel writes the
+        clone's pid there, so it is known even if the clone is killed before
+        it could say it.
+        """
         ours, theirs = socketpair()
         try:
             ours.setblocking(False)
-            target._own(FdChannel(ours))
+            chan = FdChannel(ours)
+            chan.slot = region.take()  # the channel owns the slot from here on
+            target._own(chan)
             target._status = "starting"
-            self._send(P.FORK, payload, [theirs, *extra_fds])
+            spec["slot"] = chan.slot
+            self._send(P.FORK, P.dumps(spec), [theirs, *extra_fds])
             # The clone greets us on its own socket: whoever waits there
             # never flushes ours, so the FORK (and anything queued before it,
             # say a big send_arg) must be in the template's socket now.

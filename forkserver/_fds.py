@@ -41,7 +41,7 @@ import socket
 import struct
 import time
 from collections import deque
-from typing import Deque, Iterable, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Deque, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 from ._errors import BrokenChannelError, ClosedError, FdTableFullError, ProtocolError
 from ._fdpass import ffi, lib
@@ -245,6 +245,9 @@ class FdChannel:
     callers that must not lose the channel defer ``KeyboardInterrupt``
     around it (``forkserver._interrupts``).
     """
+
+    #: a pid slot (``_slots``) of the fork or spawn this channel reports on, until settled
+    slot: Optional[int] = None
 
     def __init__(self, sock: socket.socket, *, fd_wait: float = 10.0) -> None:
         if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
@@ -561,7 +564,7 @@ PID_FORMAT = struct.Struct("=i")
 _PID_PREFIX = HEADER.pack(PID_FORMAT.size, 0, PID_KIND)
 
 
-def fork_sibling(announce: int = -1) -> int:
+def fork_sibling(announce: int = -1, ptid: Any = ffi.NULL) -> int:
     """Create a process whose parent is our parent (``clone(CLONE_PARENT)``).
 
     Returns the new pid in the caller and 0 in the new process, like
@@ -569,10 +572,12 @@ def fork_sibling(announce: int = -1) -> int:
     ``announce``: a socket to our parent on which the new process, before it
     runs any Python code, writes a ``PID`` frame with its own pid -- so the
     parent learns the pid even if we or the new process die right after.
+    ``ptid`` (an ``int *`` into the parent's pid slots, ``_slots``): where
+    the kernel stores the new pid before the new process first runs.
     """
     _reserve.inherit = True
     try:
-        pid = lib.fdp_fork_sibling(announce, _PID_PREFIX, len(_PID_PREFIX))
+        pid = lib.fdp_fork_sibling(announce, _PID_PREFIX, len(_PID_PREFIX), ptid)
     finally:
         _reserve.inherit = False
     if pid < 0:
@@ -598,6 +603,7 @@ def spawn_sibling(
     pgid: int,
     dfl_sigs: int,
     announce: int = -1,
+    ptid: Any = ffi.NULL,
 ) -> Tuple[int, int, int]:
     """Start a program as a child of our parent, vfork-style: ``(pid, errno, stage)``.
 
@@ -609,7 +615,8 @@ def spawn_sibling(
     every other fd is closed at exec.  If the child failed before or in
     ``execve``, errno is non-zero and the pid is still that of an exited
     child the caller's parent must reap.  ``announce``: an fd the child
-    writes a ``PID`` frame with its pid to, first of all (see ``fork_sibling``).
+    writes a ``PID`` frame with its pid to, first of all, and ``ptid``
+    where the kernel stores it (see ``fork_sibling``).
     Raises ``OSError`` only if the clone itself failed.
     """
     nfd = len(fd_map)
@@ -630,6 +637,7 @@ def spawn_sibling(
     a.pgid = pgid
     a.dfl_sigs = dfl_sigs
     a.announce_fd, a.announce, a.announce_len = announce, _PID_PREFIX_C, len(_PID_PREFIX)
+    a.ptid = ptid
     pid = lib.fdp_spawn_sibling(a)
     if pid < 0:
         err = ffi.errno

@@ -38,6 +38,7 @@ from ._errors import BrokenChannelError, BrokenTemplateError, ClosedError, Proto
 from ._fds import FdChannel, Frame
 from ._interrupts import allowed, deferred
 from ._reaper import reaper
+from ._slots import settle
 from ._wait import open_pidfd, wait_channel
 
 CLOSE_GRACE = 5.0  # seconds a closed or broken template gets to exit before SIGKILL
@@ -119,9 +120,13 @@ class Link:
             chan.flush()
             frame = chan.receive()
         except (BrokenChannelError, ProtocolError) as exc:
+            settle(chan, ended=True)  # a clone killed before it spoke: its slot has the pid
             raise self._broken(exc, what) from exc
-        if self._pidfd is None and chan.peer_pid is not None:
-            self._pidfd = open_pidfd(chan.peer_pid)
+        if chan.peer_pid is not None:
+            if chan.slot is not None:
+                settle(chan, ended=False)
+            if self._pidfd is None:
+                self._pidfd = open_pidfd(chan.peer_pid)
         if frame is None:
             return WAIT
         kind = frame.kind

@@ -49,7 +49,7 @@ import socket
 import struct
 import sys
 import traceback
-from typing import Any, Callable, Dict, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from ._errors import RemoteError, RemoteTraceback
 from ._fds import PID_FORMAT, PID_KIND  # noqa: F401 - PID_FORMAT re-exported
@@ -62,9 +62,9 @@ REQUIRE = 2  # pickled tuple of module names                      -> RESULT | ER
 EVAL = 3  # pickled (source, args)                                -> RESULT | ERROR
 SEND_ARG = 4  # pickled list of objects
 SEND_FH = 5  # pickled list of handle descriptions; fds: the handles
-FORK = 6  # empty, or pickled {"prelude", "run"} or {"spare", "after"}; fds: new socket, prelude fds
+FORK = 6  # pickled {"slot"} + {"prelude", "run", "call"} or {"spare", "after"}; fds: new socket, prelude fds
 RUN = 7  # pickled (module, qualname)                              -> RUNNING | ERROR
-SPAWN = 8  # pickled spawn spec; fds: reply socket, then the program's fds -> SPAWNED | ERROR
+SPAWN = 8  # SLOT + pickled spawn spec; fds: reply socket, then the program's fds -> SPAWNED | ERROR
 
 # template -> parent
 HELLO = 101  # HELLO_FORMAT (version, pid): the first frame on every command socket
@@ -109,6 +109,19 @@ loads = pickle.loads
 def with_call(call_id: int, body: bytes = b"") -> bytes:
     """A reply-bearing command's or a reply's payload: the call id, then ``body``."""
     return CALL.pack(call_id) + body
+
+
+SLOT = struct.Struct("=i")  # the pid slot (forkserver._slots) leading a SPAWN; -1: none
+
+
+def with_slot(slot: Optional[int], body: bytes) -> bytes:
+    """A SPAWN's payload: its pid slot (see ``_slots``), then ``body``."""
+    return SLOT.pack(-1 if slot is None else slot) + body
+
+
+def split_slot(payload: bytes) -> Tuple[Optional[int], bytes]:
+    slot = SLOT.unpack_from(payload)[0]
+    return (None if slot < 0 else slot), payload[SLOT.size :]
 
 
 def split_call(payload: bytes) -> Tuple[int, bytes]:

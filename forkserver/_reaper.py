@@ -43,6 +43,7 @@ from typing import Deque, Dict, Optional
 
 from ._errors import BrokenChannelError, ClosedError, ProtocolError
 from ._fds import FdChannel, set_name
+from ._slots import settle
 from ._wait import ReapedElsewhere, is_our_child, open_pidfd, reap_pidfd, reaped
 
 __all__ = ["reaper"]
@@ -112,6 +113,7 @@ class _ChanEntry:
                 pass  # greetings, replies, RUNNING: nobody wants them now
         except (BrokenChannelError, ProtocolError, ClosedError):
             ended = True
+        settle(chan, ended)  # killed before it spoke: the pid slot says who it was
         pid = chan.peer_pid
         if pid is None and not ended:
             return self  # wait for the PID frame, or the end

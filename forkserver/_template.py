@@ -49,6 +49,7 @@ from ._interrupts import allowed, deferred
 from ._link import AGAIN, CLOSE_GRACE, WAIT, Link, held
 from ._process import Child
 from ._reaper import reaper
+from ._slots import settle
 from ._wait import ReapedElsewhere, open_pidfd, reap_pidfd, wait_readable
 
 Handle = Union[int, socket.socket, Any]
@@ -120,22 +121,23 @@ class Template(Link, Cloning):
                     self._keep_spare = spare
                     try:
                         self._read_hello()
+                        self._read_available()  # a spare that greeted long ago may have died since
+                        self._setup(context[0], context[1])
                         break
                     except BrokenTemplateError:
-                        # EOF before the greeting.  A spare may have been killed
-                        # since it was made: try a fresh clone.  Else the default
-                        # template died before it could fork (nothing was
-                        # created): start a new one, once.
+                        # EOF instead of the greeting, or the spare we took is dead:
+                        # try a fresh clone.  Else the default template died before
+                        # it could fork (nothing was created): start a new one, once.
                         if not was_spare:
                             _default.discard(base)
                         if attempt == 3:
                             raise
-                self._setup(*context)
         except BaseException:
             self._abandon()  # whatever process it had goes to the reaper
-            while opened:
-                os.close(opened.pop())
             raise
+        finally:
+            while opened:  # the template has its own copies (or never will)
+                os.close(opened.pop())
 
     # -- construction ----------------------------------------------------------
 
@@ -504,7 +506,8 @@ class Template(Link, Cloning):
                 while chan.receive() is not None:
                     pass
             except (BrokenChannelError, ProtocolError):
-                return  # it failed to start or died
+                settle(chan, ended=True)  # it failed to start, or died: its slot may say who
+                return
             if chan.peer_pid is None:
                 with allowed():
                     wait_readable(chan.fileno(), None)

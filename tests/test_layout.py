@@ -23,7 +23,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "forkserver"
 # (layer, module-name prefixes), lowest first.  A module's layer is that of
 # its longest matching prefix.
 LAYERS = [
-    ("wire", ["forkserver._errors", "forkserver._protocol", "forkserver._fds", "forkserver._fdpass"]),
+    ("wire", ["forkserver._errors", "forkserver._protocol", "forkserver._fds", "forkserver._fdpass",
+              "forkserver._slots"]),
     ("template side", ["forkserver._server"]),
     ("processes", [
         "forkserver._boot", "forkserver._context", "forkserver._default", "forkserver._wait",

@@ -23,6 +23,7 @@ from .._fds import STAGE_CWD, STAGE_EXEC, STAGE_FDS, STAGE_SESSION, FdChannel, F
 from .._interrupts import allowed, deferred
 from .._process import Child
 from .._reaper import reaper
+from .._slots import region, settle
 from .._template import Template, default_template
 from .._default import _default
 from .._wait import wait_readable
@@ -259,8 +260,9 @@ def send(tpl: Any, plan: _Plan) -> FdChannel:
     try:
         ours.setblocking(False)
         reply = FdChannel(ours)
+        reply.slot = region.take()  # the kernel writes the program's pid there (see _slots)
         with tpl._lock:
-            tpl._send(P.SPAWN, plan.payload, [theirs, *plan.send])
+            tpl._send(P.SPAWN, P.with_slot(reply.slot, plan.payload), [theirs, *plan.send])
             tpl._drain("spawn")  # the template must get all of it before we wait
         theirs.close()
         return reply
@@ -279,8 +281,10 @@ def read_reply(tpl: Any, reply: FdChannel) -> Frame:
         try:
             frame = reply.receive()
         except (BrokenChannelError, ProtocolError):
+            settle(reply, ended=True)  # killed before it spoke: the slot has its pid
             frame = None
         else:
+            settle(reply, ended=False)
             if frame is None:
                 with allowed():
                     wait_readable(reply.fileno(), None)

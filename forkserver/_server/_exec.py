@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import fcntl
 import os
-from typing import List, Set
+from typing import Any, List, Set
 
 from .. import _protocol as P
-from .._fds import HEADER, spawn_sibling
+from .._fds import HEADER, ffi, spawn_sibling
+from .._slots import region
 
 
 def do_spawn(state, frame) -> None:
@@ -28,7 +29,8 @@ def do_spawn(state, frame) -> None:
             kind, payload = P.ERROR, state.broken
         else:
             try:
-                kind, payload = P.SPAWNED, _spawn(P.loads(frame.payload), fds, reply)
+                slot, spec = P.split_slot(frame.payload)
+                kind, payload = P.SPAWNED, _spawn(P.loads(spec), fds, reply, region.address(slot))
             except BaseException as exc:
                 kind, payload = P.ERROR, P.encode_error(exc, "spawn()")
         _write_all(reply, HEADER.pack(len(payload), 0, kind) + payload)
@@ -40,7 +42,7 @@ def do_spawn(state, frame) -> None:
         os.close(reply)
 
 
-def _spawn(spec: tuple, fds: list, reply: int = -1) -> bytes:
+def _spawn(spec: tuple, fds: list, reply: int = -1, ptid: Any = ffi.NULL) -> bytes:
     strings, counts, cwd, fd_map, keep, new_session, pgid, dfl_sigs = spec
     targets = {target for _, target in fd_map}
     moved: List[int] = []
@@ -52,7 +54,7 @@ def _spawn(spec: tuple, fds: list, reply: int = -1) -> bytes:
                 src = _off_targets(src, targets, moved)
             mapped.append((src, target))
         pid, err, stage = spawn_sibling(
-            strings, counts, cwd, mapped, keep, new_session, pgid, dfl_sigs, announce=reply
+            strings, counts, cwd, mapped, keep, new_session, pgid, dfl_sigs, announce=reply, ptid=ptid
         )
     finally:
         for fd in moved:

@@ -21,6 +21,7 @@ from typing import Any, List, Optional, Tuple
 from .. import _protocol as P
 from .._errors import BrokenChannelError, ProtocolError
 from .._fds import HEADER, FdChannel, Frame, fork_sibling
+from .._slots import region
 from ._exec import do_spawn
 from ._hygiene import check_single_threaded, set_title
 from ._state import State, Work, flush_std, greet, resolve, resolve_target
@@ -76,8 +77,9 @@ def do_fork(state: State, frame: Frame) -> Optional[Work]:
         sys.stderr.flush()
         if state.gc_freeze:
             gc.freeze()  # keep preloaded objects' pages shared with the clones
-        # The clone writes its pid on the new socket before anything else.
-        pid = fork_sibling(new_sock.fileno())
+        # The clone writes its pid on the new socket before anything else,
+        # and the kernel writes it in the parent's slot even before that.
+        pid = fork_sibling(new_sock.fileno(), region.address(spec.get("slot")))
     except BaseException as exc:
         if func is not None:
             set_title("fs:template")

@@ -39,6 +39,7 @@ from typing import Any, NoReturn, Optional
 from .. import _protocol as P
 from .._errors import BrokenChannelError, ClosedError, FdTableFullError, ProtocolError
 from .._fds import FdChannel, Frame, drop_reserve
+from .._slots import region
 from ._exec import do_spawn
 from ._fork import do_fork
 from ._hygiene import set_title, watch_parent
@@ -293,7 +294,7 @@ def finish(code: int) -> "NoReturn":
         os._exit(code)
 
 
-def close_inherited(keep: int) -> None:
+def close_inherited(*keep: int) -> None:
     """Close every fd but 0-2 and ``keep``: what a freshly exec'd template inherited.
 
     posix_spawn (like exec) passes on every fd of the parent not marked
@@ -304,18 +305,21 @@ def close_inherited(keep: int) -> None:
     """
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
-        if fd > 2 and fd != keep:
+        if fd > 2 and fd not in keep:
             try:
                 os.close(fd)
             except OSError:
                 pass  # the fd listdir used, closed already
 
 
-def main(fd: int = 3) -> int:
+def main(fd: int = 3, slots: int = -1) -> int:
     """Entry point of a template: serve the command socket on ``fd``.
 
+    ``slots``: the parent's pid slots memfd (``forkserver._slots``), if given.
     Returns 0 when the socket reaches EOF; a worker never returns (it exits).
     """
+    if slots >= 0:
+        region.attach(slots)
     # Ctrl-C in the terminal reaches every process of the foreground group;
     # a template waiting for commands must not die of it. Workers restore it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
