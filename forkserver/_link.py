@@ -265,12 +265,18 @@ class Link:
             pass  # already gone: the read that follows says so
 
     def _abandon(self) -> None:
-        """Dropped (``__del__``) or replaced: end the process without waiting for it."""
-        status, self._status = self._status, "closed"
+        """Dropped (``__del__``) or replaced: end the process without waiting for it.
+
+        Can be called again after an error cut it short: whatever is still
+        attached (a channel, a pidfd) is handed over then, whatever the status.
+        """
+        status = self._status
+        if status != "running":
+            self._status = "closed"
         self._drop_spare()  # type: ignore[attr-defined]
         if status == "pending":
             self._close_prelude()  # type: ignore[attr-defined]
-        elif status in ("starting", "ready", "broken"):
+        elif status != "running" and (self._chan is not None or self._pidfd is not None):
             chan = self._chan
             if status == "starting" and chan is not None and not chan.closed and chan.peer_pid is None:
                 self._give_up()

@@ -24,7 +24,10 @@ Pids first (version 4).  The first frame a new process writes -- a clone on
 its new socket, a spawned program on its reply socket -- is ``PID`` with its
 own pid, written by the C code right after the clone, before any Python code
 runs in it.  The parent thus knows the pid of everything it owns even if the
-new process or its template dies right after (``FdChannel.peer_pid``).
+new process or its template dies right after (``FdChannel.peer_pid``).  And
+for a process killed before its first instruction: ``FORK`` and ``SPAWN``
+name a *pid slot* in memory the parent shares with its templates, where the
+kernel stores the pid during the clone (``_slots``).
 
 ``SPAWN`` (fork + exec of a program) replies on its own reply socket, sent
 with the command, never on the template's socket: the default template is

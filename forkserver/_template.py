@@ -447,7 +447,11 @@ class Template(Link, Cloning):
         the rest of the grace period and reaps it.
         """
         with deferred(), self._lock:
-            if self._status in ("closed", "running") or self._owner != os.getpid():
+            if self._status == "running" or self._owner != os.getpid():
+                return
+            if self._status == "closed":
+                if self._chan is not None or self._pidfd is not None:
+                    self._hand_over(kill_after=_CLOSE_GRACE)  # an earlier close was cut short
                 return
             spare, self._spare = self._spare, None
             if spare is not None:

@@ -20,6 +20,7 @@ import collections
 import gc
 import os
 import random
+import select
 import signal
 import subprocess
 import threading
@@ -50,6 +51,7 @@ class Killer(threading.Thread):
         self.done_event = threading.Event()
         self.stop = False
         self.kills = 0
+        self.victims = []  # pidfds of the processes killed: the storm is over once all died
 
     def go(self) -> None:
         self.done_event.clear()
@@ -85,10 +87,18 @@ class Killer(threading.Thread):
             if is_our_child(pidfd):  # not a pid reused by someone else's process
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
                 self.kills += 1
+                self.victims.append(pidfd)
+                return
         except OSError:
             pass
-        finally:
+        os.close(pidfd)
+
+    def settle(self) -> None:
+        """Wait until every process killed has died (a big one takes a while to exit)."""
+        for pidfd in self.victims:
+            assert select.select([pidfd], [], [], 20)[0], "a SIGKILLed process did not die"
             os.close(pidfd)
+        self.victims = []
 
 
 def _talk(child) -> None:
@@ -188,6 +198,7 @@ def _storm(iterations: int = 0, seconds: float = 0.0, seed: int = 11) -> None:
         killer.stop = True
         killer.go()
         killer.join(20)
+        killer.settle()  # the storm is over: whatever it killed is dead now
         op.close()
     assert killer.kills > i // 4, f"only {killer.kills} kills in {i} iterations: the storm proved little"
     # Only typed errors came out (anything else failed the loop already).
