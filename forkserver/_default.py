@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from ._errors import BrokenChannelError, ProtocolError
 from ._interrupts import deferred

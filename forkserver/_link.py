@@ -29,6 +29,7 @@ consistent whatever interrupts a call (docs/reliability.md):
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
 from typing import Any, Optional, Set
@@ -39,7 +40,7 @@ from ._fds import FdChannel, Frame
 from ._interrupts import allowed, deferred
 from ._reaper import reaper
 from ._slots import settle
-from ._wait import open_pidfd, wait_channel
+from ._wait import ReapedElsewhere, open_pidfd, reap_pidfd, wait_channel, wait_readable
 
 CLOSE_GRACE = 5.0  # seconds a closed or broken template gets to exit before SIGKILL
 WAIT = object()  # _step: nothing complete yet, wait for the socket
@@ -281,3 +282,52 @@ class Link:
             if status == "starting" and chan is not None and not chan.closed and chan.peer_pid is None:
                 self._give_up()
             self._hand_over()
+
+    # -- closing ----------------------------------------------------------------------
+
+    def _end_process(self, waited: bool) -> None:
+        """EOF to the template, then wait for its exit (SIGKILL after the grace) and reap it.
+
+        Every resource stays on ``self`` until it is released, and is
+        forgotten in the statement that releases it: whatever is left when
+        an exception comes through is handed over by the caller.
+        """
+        chan = self._chan
+        if chan is None:  # its fork failed, or it was handed over: nothing to end here
+            return
+        if waited and chan.peer_pid is None and not chan.closed:
+            self._give_up()
+            self._wait_for_pid(chan)
+        held.discard(chan)
+        chan.close()  # EOF: the template's loop ends
+        pid = chan.peer_pid
+        if pid is None:  # no process was made
+            self._chan = None
+            return
+        if self._pidfd is None:
+            self._pidfd = open_pidfd(pid)
+        with allowed():
+            exited = wait_readable(self._pidfd, CLOSE_GRACE)
+        if not exited:
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            with allowed():
+                wait_readable(self._pidfd, None)
+        try:
+            reap_pidfd(self._pidfd)
+        except ReapedElsewhere:
+            pass  # a waitpid(-1) of the caller's got there first: gone all the same
+        self._gone_pid, self._chan = pid, None  # reaped: nothing left to hand over but the pidfd
+        self._pidfd = os.close(self._pidfd)  # os.close returns None: closed and forgotten at once
+
+    def _wait_for_pid(self, chan: FdChannel) -> None:
+        """Read ``chan`` until its PID frame (or the end) has come."""
+        while chan.peer_pid is None:
+            try:
+                while chan.receive() is not None:
+                    pass
+            except (BrokenChannelError, ProtocolError):
+                settle(chan, ended=True)  # it failed to start, or died: its slot may say who
+                return
+            if chan.peer_pid is None:
+                with allowed():
+                    wait_readable(chan.fileno(), None)

@@ -44,7 +44,7 @@ from typing import Deque, Dict, Optional
 from ._errors import BrokenChannelError, ClosedError, ProtocolError
 from ._fds import FdChannel, set_name
 from ._slots import settle
-from ._wait import ReapedElsewhere, is_our_child, open_pidfd, reap_pidfd, reaped
+from ._wait import ReapedElsewhere, is_our_child, open_pidfd, reap_pidfd
 
 __all__ = ["reaper"]
 

@@ -31,7 +31,6 @@ import atexit
 import itertools
 import os
 import pickle
-import signal
 import socket
 import sys
 import threading
@@ -39,18 +38,16 @@ import weakref
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from . import _protocol as P
-from ._errors import BrokenChannelError, BrokenTemplateError, ProtocolError
+from ._errors import BrokenChannelError, BrokenTemplateError
 from ._boot import exec_interpreter, fork_this_process
 from ._cloning import Cloning
 from ._context import caller_context, dup_all
 from ._default import _default
 from ._fds import FdChannel, Frame
-from ._interrupts import allowed, deferred
-from ._link import AGAIN, CLOSE_GRACE, WAIT, Link, held
+from ._interrupts import deferred
+from ._link import AGAIN, CLOSE_GRACE, WAIT, Link
+from ._running import Running, _kill_on_exit
 from ._process import Child
-from ._reaper import reaper
-from ._slots import settle
-from ._wait import ReapedElsewhere, open_pidfd, reap_pidfd, wait_readable
 
 Handle = Union[int, socket.socket, Any]
 Target = Union[str, Callable[..., Any]]
@@ -62,7 +59,7 @@ _KEEPS_STATE = (P.FORK, P.SPAWN)  # commands that leave the template as it was
 _ids = itertools.count(1)  # call ids (next() is atomic under the GIL)
 
 
-class Template(Link, Cloning):
+class Template(Link, Running, Cloning):
     """A template process: load code and data into it, then ``fork()`` or ``run()`` it.
 
     ``Template()`` creates a new, empty template, cloned from the shared
@@ -385,58 +382,6 @@ class Template(Link, Cloning):
                 raise
         return child
 
-    def _run_spec(self, target: Target, die_with_parent: Union[bool, int]) -> tuple:
-        """(module, qualname, options) of a run; raises for a bad target before anything is sent."""
-        if die_with_parent is True:
-            die_with_parent = int(signal.SIGKILL)
-        opts = {"die_with_parent": int(die_with_parent), "parent": os.getpid()} if die_with_parent else {}
-        module, qualname = P.split_target(target, main_ok=self._main_ok)
-        return module, qualname, opts
-
-    def _start_run(self, run: tuple, call_id: int) -> None:
-        """Send the run (fused with a deferred fork when there is one); lock held."""
-        if self._status == "pending":
-            self._check_open("run")
-            self._materialize(run=run, call_id=call_id)
-        else:
-            self._check_open("run")
-            self._run_sent = True  # set before the step it records
-            self._send(P.RUN, P.with_call(call_id, P.dumps(run)))
-
-    def _finish_run(self, frame: Any, target: str, check: bool, timeout: Optional[float]) -> Child:
-        """Turn the RUNNING reply into a Child; lock held."""
-        if frame is None or frame.kind != P.RUNNING:
-            kind = P.NAMES.get(frame.kind) if frame is not None else None
-            raise self._broken(ProtocolError(f"expected the run acknowledgement, got {kind}"), "run")
-        chan = self._chan
-        assert chan is not None
-        if chan.peer_pid is None:  # not a clone (an exec'd template): the pid is known anyway
-            chan.peer_pid = P.HELLO_FORMAT.unpack(frame.payload)[1]
-        control = chan.sock  # the channel read exactly up to RUNNING
-        child = Child(chan.peer_pid, control, target, self._pidfd, check=check, exit_timeout=timeout)
-        self._pidfd, self._status, self._run_sent = None, "running", False  # the Child owns it now
-        held.discard(chan)
-        return child
-
-    def _run_interrupted(self, child: Optional[Child]) -> None:
-        """A run that will not return its Child: kill what it started; lock held.
-
-        Never raises: the interrupt (or error) that got us here goes on.
-        """
-        try:
-            if child is not None:
-                if self._pidfd is not None and self._pidfd == child._pidfd:
-                    self._pidfd = None  # interrupted right after the Child took it
-                self._status, self._run_sent = "running", False
-                held.discard(self._chan)
-                _kill_on_exit.discard(child)
-                _discard_child(child)
-            elif self._run_sent:
-                self._hand_over()  # doomed: killed once its pid is known, and reaped
-                self._status, self._run_sent = "running", False
-        except Exception:
-            pass
-
     # -- closing -----------------------------------------------------------------
 
     def close(self) -> None:
@@ -469,53 +414,6 @@ class Template(Link, Cloning):
                 self._hand_over(kill_after=_CLOSE_GRACE)
                 raise
 
-    def _end_process(self, waited: bool) -> None:
-        """EOF to the template, then wait for its exit (SIGKILL after the grace) and reap it.
-
-        Every resource stays on ``self`` until it is released, and is
-        forgotten in the statement that releases it: whatever is left when
-        an exception comes through is handed over by the caller.
-        """
-        chan = self._chan
-        if chan is None:  # its fork failed, or it was handed over: nothing to end here
-            return
-        if waited and chan.peer_pid is None and not chan.closed:
-            self._give_up()
-            self._wait_for_pid(chan)
-        held.discard(chan)
-        chan.close()  # EOF: the template's loop ends
-        pid = chan.peer_pid
-        if pid is None:  # no process was made
-            self._chan = None
-            return
-        if self._pidfd is None:
-            self._pidfd = open_pidfd(pid)
-        with allowed():
-            exited = wait_readable(self._pidfd, _CLOSE_GRACE)
-        if not exited:
-            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-            with allowed():
-                wait_readable(self._pidfd, None)
-        try:
-            reap_pidfd(self._pidfd)
-        except ReapedElsewhere:
-            pass  # a waitpid(-1) of the caller's got there first: gone all the same
-        self._gone_pid, self._chan = pid, None  # reaped: nothing left to hand over but the pidfd
-        self._pidfd = os.close(self._pidfd)  # os.close returns None: closed and forgotten at once
-
-    def _wait_for_pid(self, chan: FdChannel) -> None:
-        """Read ``chan`` until its PID frame (or the end) has come."""
-        while chan.peer_pid is None:
-            try:
-                while chan.receive() is not None:
-                    pass
-            except (BrokenChannelError, ProtocolError):
-                settle(chan, ended=True)  # it failed to start, or died: its slot may say who
-                return
-            if chan.peer_pid is None:
-                with allowed():
-                    wait_readable(chan.fileno(), None)
-
     def _close_pidfd(self) -> None:
         if self._pidfd is not None:
             self._pidfd = os.close(self._pidfd)
@@ -535,18 +433,6 @@ class Template(Link, Cloning):
         self.close()
 
 
-def _discard_child(child: Child) -> None:
-    """A Child the caller never got: SIGKILL it, close our ends, let the reaper reap it."""
-    try:
-        child.kill()
-    finally:
-        with deferred():
-            if child._pidfd is not None:
-                child._pidfd = reaper.adopt(child.pid, child._pidfd)  # handed over and forgotten at once
-        if child.control is not None:
-            child.control.close()
-
-
 def _exec_template(cls: Any, python: str, env: Optional[Mapping[str, str]], origin: str) -> Template:
     """A template object owning a freshly exec'd interpreter (see ``_boot``)."""
     tpl = cls._from_channel(None, origin)
@@ -559,7 +445,6 @@ def _exec_template(cls: Any, python: str, env: Optional[Mapping[str, str]], orig
 
 
 _live: "weakref.WeakSet[Template]" = weakref.WeakSet()  # templates to end at exit
-_kill_on_exit: "weakref.WeakSet[Child]" = weakref.WeakSet()
 
 
 def default_template() -> Template:

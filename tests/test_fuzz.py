@@ -20,7 +20,6 @@ import os
 import pickle
 import select
 import socket
-import struct
 import time
 
 import pytest

@@ -24,11 +24,11 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "forkserver"
 # its longest matching prefix.
 LAYERS = [
     ("wire", ["forkserver._errors", "forkserver._protocol", "forkserver._fds", "forkserver._fdpass",
-              "forkserver._slots"]),
+              "forkserver._slots", "forkserver._sibling"]),
     ("template side", ["forkserver._server"]),
     ("processes", [
         "forkserver._boot", "forkserver._context", "forkserver._default", "forkserver._wait",
-        "forkserver._interrupts", "forkserver._link",
+        "forkserver._interrupts", "forkserver._link", "forkserver._running",
         "forkserver._reaper", "forkserver._process", "forkserver._cloning", "forkserver._template",
         "forkserver._async",
     ]),

@@ -19,7 +19,8 @@ from typing import IO, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Unio
 
 from .. import _protocol as P
 from .._errors import BrokenChannelError, BrokenTemplateError, CalledProcessError, ProtocolError  # noqa: F401 - re-exported
-from .._fds import STAGE_CWD, STAGE_EXEC, STAGE_FDS, STAGE_SESSION, FdChannel, Frame, socketpair
+from .._fds import FdChannel, Frame, socketpair
+from .._sibling import STAGE_CWD, STAGE_EXEC, STAGE_FDS, STAGE_SESSION
 from .._interrupts import allowed, deferred
 from .._process import Child
 from .._reaper import reaper

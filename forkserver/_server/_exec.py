@@ -17,7 +17,8 @@ import os
 from typing import Any, List, Set
 
 from .. import _protocol as P
-from .._fds import HEADER, ffi, spawn_sibling
+from .._fds import HEADER, ffi
+from .._sibling import spawn_sibling
 from .._slots import region
 
 

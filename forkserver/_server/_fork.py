@@ -20,7 +20,8 @@ from typing import Any, List, Optional, Tuple
 
 from .. import _protocol as P
 from .._errors import BrokenChannelError, ProtocolError
-from .._fds import HEADER, FdChannel, Frame, fork_sibling
+from .._fds import HEADER, FdChannel, Frame
+from .._sibling import fork_sibling
 from .._slots import region
 from ._exec import do_spawn
 from ._hygiene import check_single_threaded, set_title
