@@ -168,7 +168,8 @@ async def run(
                 child = tpl._finish_run(frame, f"{spec[0]}:{spec[1]}", check, timeout)
                 refilled = True
                 tpl._refill_base(child)
-            return AsyncChild(child)
+                tpl._child = None  # it is the caller's now
+                return AsyncChild(child)
         except BaseException:
             with tpl._lock:
                 tpl._run_interrupted(child)

@@ -14,11 +14,12 @@ run, and a ``fork()`` that finds none makes its clone then.
 from __future__ import annotations
 
 import os
+import socket
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from . import _protocol as P
 from ._errors import BrokenChannelError, BrokenTemplateError
-from ._fds import FdChannel, socketpair
+from ._fds import HEADER, PID_FORMAT, PID_KIND, FdChannel, socketpair
 from ._interrupts import allowed, deferred
 from ._slots import region
 from ._wait import drain
@@ -27,10 +28,29 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._process import Child
 
 
+_PID_FRAME = HEADER.size + PID_FORMAT.size
+_HELLO_FRAME = HEADER.size + P.HELLO_FORMAT.size
+
+
 def _greeted(tpl: Any) -> bool:
-    """Whether a spare has greeted us already: reads what arrived (its pid, its greeting)."""
-    tpl._read_available()
-    return tpl._status == "ready"
+    """Whether a spare has greeted us already (its pid frame and its greeting arrived).
+
+    A peek, not a read: on the way to the worker's start one syscall, and the
+    frames are read after the RUN is sent, while the worker starts.
+    """
+    if tpl._status == "ready":
+        return True
+    chan = tpl._chan
+    if chan._cur[0].got:  # a frame half read: read on, then look
+        tpl._read_available()
+        return tpl._status == "ready"
+    try:
+        data = chan.sock.recv(_PID_FRAME + _HELLO_FRAME, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:
+        return False  # nothing yet (EAGAIN), or dead: the reads that follow say so
+    # A clone without a pid slot writes a PID frame before its greeting.
+    first_is_pid = len(data) >= HEADER.size and HEADER.unpack_from(data)[2] == PID_KIND
+    return len(data) >= (_PID_FRAME if first_is_pid else 0) + _HELLO_FRAME
 
 
 class Cloning:

@@ -123,11 +123,10 @@ class Link:
         except (BrokenChannelError, ProtocolError) as exc:
             settle(chan, ended=True)  # a clone killed before it spoke: its slot has the pid
             raise self._broken(exc, what) from exc
-        if chan.peer_pid is not None:
-            if chan.slot is not None:
-                settle(chan, ended=False)
-            if self._pidfd is None:
-                self._pidfd = open_pidfd(chan.peer_pid)
+        if chan.slot is not None:
+            settle(chan, ended=False)  # the pid, from the slot the kernel wrote it in
+        if chan.peer_pid is not None and self._pidfd is None:
+            self._pidfd = open_pidfd(chan.peer_pid)
         if frame is None:
             return WAIT
         kind = frame.kind
@@ -238,6 +237,8 @@ class Link:
         before), so they are never owned twice, nor by nobody.
         """
         chan = self._chan
+        if chan is not None:
+            settle(chan, ended=chan.closed)  # the pid may be in its slot only
         if chan is not None and chan.closed and chan.peer_pid is None:
             held.discard(chan)
             self._chan = None  # nothing to learn, nothing to reap
@@ -322,6 +323,9 @@ class Link:
     def _wait_for_pid(self, chan: FdChannel) -> None:
         """Read ``chan`` until its PID frame (or the end) has come."""
         while chan.peer_pid is None:
+            settle(chan, ended=False)  # the kernel wrote it in the slot when it was made
+            if chan.peer_pid is not None:
+                return
             try:
                 while chan.receive() is not None:
                     pass

@@ -28,6 +28,8 @@ _kill_on_exit: "weakref.WeakSet[Child]" = weakref.WeakSet()
 class Running:
     """The run half of a ``Template``."""
 
+    _child: Optional[Child] = None  # the Child of the run, once made
+
     def _run_spec(self, target: Any, die_with_parent: Union[bool, int]) -> tuple:
         """(module, qualname, options) of a run; raises for a bad target before anything is sent."""
         if die_with_parent is True:
@@ -56,16 +58,19 @@ class Running:
         if chan.peer_pid is None:  # not a clone (an exec'd template): the pid is known anyway
             chan.peer_pid = P.HELLO_FORMAT.unpack(frame.payload)[1]
         control = chan.sock  # the channel read exactly up to RUNNING
-        child = Child(chan.peer_pid, control, target, self._pidfd, check=check, exit_timeout=timeout)
+        # Kept on the template in the statement that makes it: an error right
+        # after still finds it (_run_interrupted).
+        self._child = Child(chan.peer_pid, control, target, self._pidfd, check=check, exit_timeout=timeout)
         self._pidfd, self._status, self._run_sent = None, "running", False  # the Child owns it now
         held.discard(chan)
-        return child
+        return self._child
 
     def _run_interrupted(self, child: Optional[Child]) -> None:
         """A run that will not return its Child: kill what it started; lock held.
 
         Never raises: the interrupt (or error) that got us here goes on.
         """
+        child = child if child is not None else self._child
         try:
             if child is not None:
                 if self._pidfd is not None and self._pidfd == child._pidfd:

@@ -120,20 +120,21 @@ region = _Region()
 
 
 def settle(chan: Any, ended: bool) -> None:
-    """After reading a clone's (or a spawn's) channel: free its slot once its fate is known.
+    """Learn a clone's (or a program's) pid from its slot, and free the slot once it is known.
 
-    ``ended``: the channel reached EOF (or broke).  If no PID frame told the
-    pid by then, the slot does: a process killed before its first
-    instruction.  Returns None (``chan.slot = settle(...)`` never needed:
-    it clears ``chan.slot`` itself).
+    A memory read, no syscall: called whenever a channel is read.  The pid
+    is there from the moment the process exists, so a process with a slot
+    writes no ``PID`` frame at all (the parent would wake up for it while
+    the process starts).  ``ended``: the channel reached EOF (or broke):
+    then a slot still at 0 means no process was made, and is freed too.
     """
     slot = chan.slot
     if slot is None:
         return
     if chan.peer_pid is None:
-        if not ended:
-            return
         pid = region.pid_at(slot)
         if pid > 0:
             chan.peer_pid = pid
+        elif not ended:
+            return  # not made yet
     chan.slot = region.give(slot)

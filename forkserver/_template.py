@@ -380,6 +380,7 @@ class Template(Link, Running, Cloning):
                 if not refilled:
                     self._refill_base(None)
                 raise
+            self._child = None  # it is the caller's now
         return child
 
     # -- closing -----------------------------------------------------------------

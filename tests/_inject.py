@@ -189,8 +189,10 @@ def run_injected_async(make_coro: Callable[[], Any], n: int, mode: str) -> "tupl
             sys.settrace(None)
     except BaseException as e:  # noqa: B036
         exc = e
-    finally:
-        _shutdown(loop)
+    try:
+        _shutdown(loop)  # a cancelled task's clean-up may raise the interrupt late: still ours
+    except BaseException as e:  # noqa: B036
+        exc = exc or e
     last_where[0] = tracer.where
     return tracer.fired, exc, result
 

@@ -261,6 +261,12 @@ def _run_once(scenario, templates, n, mode):
     else:
         fired, exc, result = run_injected(lambda: scenario.call(state), n, mode)
     where = f"{scenario.name}, {mode} at event {n} ({_inject.last_where[0]})"
+    from forkserver import _interrupts
+
+    st = _interrupts._st
+    assert (st.depth, st.pending, st.saved, st.allowed) == (0, False, None, False), (
+        f"{where}: a deferred region was left open: {vars(st)}"
+    )
     if fired and mode == "signal":
         assert isinstance(exc, KeyboardInterrupt), f"{where}: the Ctrl-C was lost or changed: {exc!r}"
     if fired and mode == "cancel":

@@ -31,7 +31,9 @@ def do_spawn(state, frame) -> None:
         else:
             try:
                 slot, spec = P.split_slot(frame.payload)
-                kind, payload = P.SPAWNED, _spawn(P.loads(spec), fds, reply, region.address(slot))
+                ptid = region.address(slot)  # the pid goes there; without one, on the reply socket
+                announce = -1 if ptid != ffi.NULL else reply
+                kind, payload = P.SPAWNED, _spawn(P.loads(spec), fds, announce, ptid)
             except BaseException as exc:
                 kind, payload = P.ERROR, P.encode_error(exc, "spawn()")
         _write_all(reply, HEADER.pack(len(payload), 0, kind) + payload)

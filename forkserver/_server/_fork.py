@@ -20,7 +20,7 @@ from typing import Any, List, Optional, Tuple
 
 from .. import _protocol as P
 from .._errors import BrokenChannelError, ProtocolError
-from .._fds import HEADER, FdChannel, Frame
+from .._fds import HEADER, FdChannel, Frame, ffi
 from .._sibling import fork_sibling
 from .._slots import region
 from ._exec import do_spawn
@@ -78,9 +78,11 @@ def do_fork(state: State, frame: Frame) -> Optional[Work]:
         sys.stderr.flush()
         if state.gc_freeze:
             gc.freeze()  # keep preloaded objects' pages shared with the clones
-        # The clone writes its pid on the new socket before anything else,
-        # and the kernel writes it in the parent's slot even before that.
-        pid = fork_sibling(new_sock.fileno(), region.address(spec.get("slot")))
+        # The kernel writes the clone's pid in the parent's slot before the
+        # clone first runs; without a slot, the clone writes it on its socket
+        # before anything else (a frame the parent would wake up for).
+        ptid = region.address(spec.get("slot"))
+        pid = fork_sibling(-1 if ptid != ffi.NULL else new_sock.fileno(), ptid)
     except BaseException as exc:
         if func is not None:
             set_title("fs:template")
