@@ -15,11 +15,17 @@ ffibuilder.cdef(
     """
     #define FDP_MAX_FDS 253
     long fdp_send(int sock, const char *buf, size_t len, const int *fds, int nfds, int flags);
+    struct fdp_cursor {
+        long got;
+        int nfds;
+        int flags;
+    };
     long fdp_recv(int sock, char *buf, size_t len, int *fds, int maxfds,
-                  int *nfds_out, int *msg_flags_out, int flags);
-    int fdp_fork_sibling(void);
+                  struct fdp_cursor *cur, int flags);
+    int fdp_fork_sibling(int announce_fd, const char *prefix, int prefix_len, int *ptid);
     int fdp_dup_many(int model, int *out, int n);
     int fdp_close_many(const int *fds, int n);
+    void *fdp_map_shared(int fd, size_t len);
     int fdp_gettid(void);
     int fdp_set_name(const char *name);
 
@@ -38,6 +44,10 @@ ffibuilder.cdef(
         int new_session;
         int pgid;
         unsigned long long dfl_sigs;
+        int announce_fd;
+        const char *announce;
+        int announce_len;
+        int *ptid;
         int err;
         int stage;
     };

@@ -12,6 +12,7 @@
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -60,36 +61,45 @@ long fdp_send(int sock, const char *buf, size_t len, const int *fds, int nfds, i
     return (long)sendmsg(sock, &msg, flags);
 }
 
-/* Receive up to `len` bytes and up to `maxfds` descriptors.
+/* Receive into what is left of the current unit, advancing its cursor.
+ *
+ * `cur->got` bytes of `buf` (`len` long) and `cur->nfds` descriptors of
+ * `fds` have arrived already; this call reads at most `len - cur->got` more
+ * bytes into `buf + cur->got` and at most `maxfds` descriptors into
+ * `fds + cur->nfds`, then adds what it got to the cursor itself.  So the
+ * caller never has a moment between the kernel handing over bytes or fds
+ * and recording them: a Python signal handler that raises right after this
+ * call (Ctrl-C) finds the cursor already up to date.  `cur->flags` gets the
+ * message flags.
  *
  * MSG_CMSG_CLOEXEC is always set: a received fd must never leak into a
  * program the receiver execs before Python has wrapped it.  The control
  * buffer is sized for exactly `maxfds`; if the sender attached more, the
- * kernel closes the surplus and sets MSG_CTRUNC in *msg_flags_out, which the
+ * kernel closes the surplus and sets MSG_CTRUNC in cur->flags, which the
  * caller must treat as a protocol error.  The kernel also sets MSG_CTRUNC
  * when it could not install an fd because our descriptor table is full
  * (EMFILE): those fds are gone, which is why _fds.py releases reserved
  * slots before calling this.
  *
  * A received fd may legitimately be 0, 1 or 2 (if the receiver had closed
- * its stdio): the count in *nfds_out, not the fd values, says what arrived.
+ * its stdio): the count, not the fd values, says what arrived.
  * Returns the number of bytes read; 0 means EOF. */
 long fdp_recv(int sock, char *buf, size_t len, int *fds, int maxfds,
-              int *nfds_out, int *msg_flags_out, int flags)
+              struct fdp_cursor *cur, int flags)
 {
-    struct iovec iov = { buf, len };
+    struct iovec iov;
     struct msghdr msg;
     union fdp_cmsgbuf cbuf;
     struct cmsghdr *cmsg;
     ssize_t n;
     int count = 0;
 
-    *nfds_out = 0;
-    *msg_flags_out = 0;
-    if (maxfds < 0 || maxfds > FDP_MAX_FDS) {
+    if (maxfds < 0 || maxfds > FDP_MAX_FDS || cur->got < 0 || (size_t)cur->got > len) {
         errno = EINVAL;
         return -1;
     }
+    iov.iov_base = buf + cur->got;
+    iov.iov_len = len - (size_t)cur->got;
     memset(&msg, 0, sizeof msg);
     msg.msg_iov = &iov;
     msg.msg_iovlen = 1;
@@ -100,8 +110,8 @@ long fdp_recv(int sock, char *buf, size_t len, int *fds, int maxfds,
     n = recvmsg(sock, &msg, flags | MSG_CMSG_CLOEXEC);
     if (n < 0)
         return -1;
-    *msg_flags_out = msg.msg_flags;
     if (maxfds > 0) {
+        int *out = fds + cur->nfds;
         for (cmsg = CMSG_FIRSTHDR(&msg); cmsg != NULL; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
             if (cmsg->cmsg_level == SOL_SOCKET && cmsg->cmsg_type == SCM_RIGHTS) {
                 int k = (int)((cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int));
@@ -109,14 +119,16 @@ long fdp_recv(int sock, char *buf, size_t len, int *fds, int maxfds,
                 int *data = (int *)CMSG_DATA(cmsg);
                 for (i = 0; i < k; i++) {
                     if (count < maxfds)
-                        fds[count++] = data[i];
+                        out[count++] = data[i];
                     else
                         close(data[i]);  /* cannot happen: the kernel truncates first */
                 }
             }
         }
     }
-    *nfds_out = count;
+    cur->flags = msg.msg_flags;
+    cur->nfds += count;
+    cur->got += n;
     return (long)n;
 }
 
@@ -150,8 +162,44 @@ long fdp_recv(int sock, char *buf, size_t len, int *fds, int maxfds,
  *    template's tid.  Python's own locks do not use owner tids, and the
  *    template never holds such a mutex across this call.
  * The Python side (forkserver/_server) checks /proc/self/status Threads: 1
- * before every call. */
-int fdp_fork_sibling(void)
+ * before every call.
+ *
+ * Announcing the pid: the new process is our *parent's* child, and only
+ * our parent can reap it -- if it learns the pid.  So the very first thing
+ * the new process does, before the interpreter's after-fork hooks (which run
+ * Python code that may fail or kill it), is to write `prefix` followed by
+ * its own pid (a native int32) to `announce_fd` (-1: no announcement), a
+ * socket to the parent.  From then on the pid is in the parent's socket,
+ * whatever happens to us or to the new process.  `prefix` is at most 16
+ * bytes (a frame header, built by the caller).
+ *
+ * A process SIGKILLed before its first instruction writes nothing, and on a
+ * busy machine a new process may wait milliseconds for a CPU.  So with
+ * `ptid` non-NULL the clone also gets CLONE_PARENT_SETTID: the kernel
+ * stores the new pid at `ptid` before the new process is ever woken, and
+ * before this call returns to user space -- where a pending SIGKILL of ours
+ * would strike.  `ptid` points into a page the parent shares with us (a
+ * memfd, forkserver/_slots.py), so the parent can always read the pid,
+ * even if both we and the new process die at once. */
+static void announce_pid(int fd, const char *prefix, int prefix_len)
+{
+    char buf[32];
+    int32_t pid;
+    ssize_t n;
+
+    if (fd < 0 || prefix_len < 0 || prefix_len > 16)
+        return;
+    pid = (int32_t)syscall(SYS_getpid);
+    memcpy(buf, prefix, (size_t)prefix_len);
+    memcpy(buf + prefix_len, &pid, sizeof pid);
+    do
+        n = send(fd, buf, (size_t)prefix_len + sizeof pid, MSG_NOSIGNAL);
+    while (n < 0 && errno == EINTR);
+    /* A failure (EPIPE: the parent is gone) is left to the Python code that
+     * follows, which sees the same broken socket. */
+}
+
+int fdp_fork_sibling(int announce_fd, const char *prefix, int prefix_len, int *ptid)
 {
     PyGILState_STATE gil;
     long pid;
@@ -161,9 +209,12 @@ int fdp_fork_sibling(void)
     PyOS_BeforeFork();
     /* x86_64/aarch64 argument order: flags, stack, parent_tid, child_tid, tls.
      * (s390 swaps the first two; we support x86_64 and aarch64.) */
-    pid = syscall(SYS_clone, (unsigned long)(CLONE_PARENT | SIGCHLD), NULL, NULL, NULL, 0UL);
+    pid = syscall(SYS_clone,
+                  (unsigned long)(CLONE_PARENT | SIGCHLD | (ptid != NULL ? CLONE_PARENT_SETTID : 0)),
+                  NULL, ptid, NULL, 0UL);
     saved_errno = errno;
     if (pid == 0) {
+        announce_pid(announce_fd, prefix, prefix_len);
         PyOS_AfterFork_Child();
     } else {
         PyOS_AfterFork_Parent();
@@ -201,6 +252,15 @@ int fdp_close_many(const int *fds, int n)
     if (rc < 0)
         errno = err;
     return rc;
+}
+
+/* Map `len` bytes of `fd` shared and writable; NULL (errno set) on failure.
+ * Python's mmap module keeps a dup of the fd for as long as the mapping
+ * lives; this keeps none, so a template and its clones carry no extra fd. */
+void *fdp_map_shared(int fd, size_t len)
+{
+    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    return p == MAP_FAILED ? NULL : p;
 }
 
 /* The calling thread's kernel tid (glibc < 2.30 has no gettid()). */
@@ -407,6 +467,20 @@ static int spawn_child(void *arg)
     struct fdp_ksigaction dfl, old;
     int sig, i, saved = 0;
 
+    /* First of all, the pid goes to the parent (see announce_pid): a
+     * template killed from now on cannot take it with it.  Only syscalls on
+     * our own stack; the announcement fd is close-on-exec. */
+    if (a->announce_fd >= 0 && a->announce_len > 0 && a->announce_len <= 16) {
+        char buf[32];
+        int32_t pid = (int32_t)syscall(SYS_getpid);
+        ssize_t n;
+        memcpy(buf, a->announce, (size_t)a->announce_len);
+        memcpy(buf + a->announce_len, &pid, sizeof pid);
+        do
+            n = write(a->announce_fd, buf, (size_t)a->announce_len + sizeof pid);
+        while (n < 0 && errno == EINTR);
+    }
+
     /* Raw rt_sigaction: glibc's sigaction() refuses its internal signals
      * 32 and 33, which a template started by posix_spawn has *ignored*
      * (glibc's spawn helper sets them to SIG_IGN, and exec keeps that). */
@@ -485,8 +559,12 @@ int fdp_spawn_sibling(struct fdp_spawn_args *a)
     if (syscall(SYS_rt_sigprocmask, SIG_SETMASK, &all, &ctx.mask, sizeof all) < 0)
         return -1;
     /* Stacks grow down on every architecture we support: pass the top. */
+    /* CLONE_PARENT_SETTID: the pid is in the parent's shared page before
+     * the child runs (see fdp_fork_sibling). */
     pid = clone(spawn_child, stack + sizeof stack,
-                CLONE_VM | CLONE_VFORK | CLONE_PARENT | SIGCHLD, &ctx);
+                CLONE_VM | CLONE_VFORK | CLONE_PARENT | SIGCHLD
+                    | (a->ptid != NULL ? CLONE_PARENT_SETTID : 0),
+                &ctx, a->ptid);
     err = errno;
     syscall(SYS_rt_sigprocmask, SIG_SETMASK, &ctx.mask, NULL, sizeof ctx.mask);
     errno = err;

@@ -4,11 +4,18 @@
 #define FDP_MAX_FDS 253   /* SCM_MAX_FD in the kernel: more fds per message is EINVAL */
 
 long fdp_send(int sock, const char *buf, size_t len, const int *fds, int nfds, int flags);
+/* How much of the unit being received has arrived (fdp_recv advances it). */
+struct fdp_cursor {
+    long got;                /* bytes of the buffer filled */
+    int nfds;                /* descriptors of the fd array filled */
+    int flags;               /* out: msg_flags of the last recvmsg */
+};
 long fdp_recv(int sock, char *buf, size_t len, int *fds, int maxfds,
-              int *nfds_out, int *msg_flags_out, int flags);
-int fdp_fork_sibling(void);
+              struct fdp_cursor *cur, int flags);
+int fdp_fork_sibling(int announce_fd, const char *prefix, int prefix_len, int *ptid);
 int fdp_dup_many(int model, int *out, int n);
 int fdp_close_many(const int *fds, int n);
+void *fdp_map_shared(int fd, size_t len);
 int fdp_gettid(void);
 int fdp_set_name(const char *name);
 
@@ -28,6 +35,10 @@ struct fdp_spawn_args {
     int new_session;         /* setsid() */
     int pgid;                /* -1: leave it, 0: a group of its own, > 0: join */
     unsigned long long dfl_sigs;  /* bit s-1: signal s to SIG_DFL even if ignored */
+    int announce_fd;         /* -1, or where the child writes `announce` + its pid first */
+    const char *announce;    /*   (a frame header, at most 16 bytes) */
+    int announce_len;
+    int *ptid;               /* NULL, or where the kernel stores the pid (CLONE_PARENT_SETTID) */
     int err;                 /* out: errno of the failed step, 0 if execve ran */
     int stage;               /* out: FDP_STAGE_* of that step */
 };

@@ -4,6 +4,15 @@ Waiting uses no threads: a child's exit is awaited on its pidfd, template
 replies on their socket, with ``loop.add_reader``/``add_writer``.  The
 programs' asyncio versions (``aio.spawn``, ``aio.stream``) live in
 ``_programs/_astream.py`` and use the helpers here.
+
+Cancellation (``asyncio.wait_for``, ``task.cancel()``) can only strike at an
+``await``, and every ``await`` here is at a consistent point: the command is
+sent, its reply not yet read.  What is left behind is what a Ctrl-C leaves
+in the blocking calls (``_template.py``): a cancelled ``eval``/``require``
+still runs in the template and the next call drops its reply; a cancelled
+``run`` SIGKILLs and reaps the worker it was starting.  The synchronous
+steps between the awaits defer ``KeyboardInterrupt`` like the blocking
+calls do.
 """
 from __future__ import annotations
 
@@ -15,19 +24,27 @@ from typing import Any, Optional, Sequence, Tuple, Union
 
 from . import _protocol as P
 from ._errors import BrokenChannelError
+from ._interrupts import deferred
 from ._process import Child
-from ._template import _HELLO_READ, _WAIT, Target, Template
+from ._template import _AGAIN, _WAIT, Target, Template, _ids
 
 __all__ = ["require", "eval", "run", "wait", "AsyncChild"]
 
-_locks: "weakref.WeakKeyDictionary[Template, asyncio.Lock]" = weakref.WeakKeyDictionary()
+_locks: "weakref.WeakKeyDictionary[Template, tuple]" = weakref.WeakKeyDictionary()
 
 
 def _lock_for(tpl: Template) -> asyncio.Lock:
-    lock = _locks.get(tpl)
-    if lock is None:
-        lock = _locks[tpl] = asyncio.Lock()
-    return lock
+    """The template's asyncio lock for the running loop.
+
+    One per loop: a loop stopped by a ``KeyboardInterrupt`` may leave its
+    coroutines suspended, holding the lock, forever; the template itself is
+    consistent (see the module docs), so the next loop starts with a new one.
+    """
+    loop = asyncio.get_running_loop()
+    entry = _locks.get(tpl)
+    if entry is None or entry[0]() is not loop:
+        entry = _locks[tpl] = (weakref.ref(loop), asyncio.Lock())
+    return entry[1]
 
 
 async def _fd_ready(fd: int, write: bool = False, delay: Optional[float] = None) -> None:
@@ -62,11 +79,11 @@ async def _any_ready(fds: Sequence[Tuple[int, bool]], delay: Optional[float] = N
             timer.cancel()
 
 
-async def _next_frame(tpl: Template, what: str) -> Any:
+async def _next_frame(tpl: Template, what: str, call_id: int = 0) -> Any:
     while True:
         with tpl._lock:
-            frame = tpl._step(what)
-        if frame is _HELLO_READ:
+            frame = tpl._step(what, call_id)
+        if frame is _AGAIN:
             continue
         if frame is not _WAIT:
             return frame
@@ -99,9 +116,10 @@ async def _flushed(tpl: Template) -> None:
 
 
 async def _call(tpl: Template, kind: int, payload: bytes) -> Any:
+    call_id = next(_ids)
     async with _lock_for(tpl):
-        tpl._send(kind, payload)
-        return await _next_frame(tpl, P.NAMES[kind])
+        tpl._send(kind, P.with_call(call_id, payload))
+        return await _next_frame(tpl, P.NAMES[kind], call_id)
 
 
 async def require(tpl: Template, *modules: str) -> Template:
@@ -129,22 +147,35 @@ async def run(
     timeout: Optional[float] = None,
     die_with_parent: Union[bool, int] = False,
 ) -> "AsyncChild":
-    """``tpl.run(target)`` without blocking the loop; returns an ``AsyncChild``."""
+    """``tpl.run(target)`` without blocking the loop; returns an ``AsyncChild``.
+
+    Cancelled before it returns, it SIGKILLs and reaps the worker it was
+    starting (as ``Template.run`` does on Ctrl-C).
+    """
+    spec = tpl._run_spec(target, die_with_parent)
+    call_id = next(_ids)
     async with _lock_for(tpl):
         child = None
-        base = tpl._base if tpl._status == "pending" else None
-        if base is not None:
-            await _flushed(base)
+        refilled = False
         try:
-            with tpl._lock:
-                name = tpl._start_run(target, die_with_parent)
-            frame = await _next_frame(tpl, "run")
-            with tpl._lock:
-                child = tpl._finish_run(frame, name, check, timeout)
-                return AsyncChild(child)
-        finally:
-            with tpl._lock:
+            base = tpl._base if tpl._status == "pending" else None
+            if base is not None:
+                await _flushed(base)
+            with deferred(), tpl._lock:
+                tpl._start_run(spec, call_id)
+            frame = await _next_frame(tpl, "run", call_id)
+            with deferred(), tpl._lock:
+                child = tpl._finish_run(frame, f"{spec[0]}:{spec[1]}", check, timeout)
+                refilled = True
                 tpl._refill_base(child)
+                tpl._child = None  # it is the caller's now
+                return AsyncChild(child)
+        except BaseException:
+            with tpl._lock:
+                tpl._run_interrupted(child)
+                if not refilled:
+                    tpl._refill_base(None)
+            raise
 
 
 async def wait(child: Child, timeout: Optional[float] = None) -> int:

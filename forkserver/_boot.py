@@ -1,8 +1,10 @@
 """How template processes come to exist (parent side): exec'd interpreters, ``early()``'s fork.
 
-Both return the raw parts of a new template process -- our end of its
-command socket, its pid and a pidfd -- and know nothing of ``Template``,
-which wraps them (``_template.py``).
+They know nothing of ``Template``, which wraps what they make
+(``_template.py``).  ``exec_interpreter`` attaches our end of the command
+socket to its *owner* (a template object) before the process exists, and
+records the pid in it in the statement that spawns, so no interruption can
+come between the process's birth and an owner that can reap it.
 
 * ``exec_interpreter``: ``os.posix_spawn`` (vfork semantics: cheap and safe
   from a big, threaded parent) of ``python -c <boot>`` with the command
@@ -12,49 +14,62 @@ which wraps them (``_template.py``).
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import sys
-from typing import Dict, Tuple
+from typing import Any, Dict, Tuple
 
 from ._fds import FdChannel, socketpair
+from ._interrupts import deferred
+from ._slots import FD as SLOTS_FD, region
 from ._wait import open_pidfd
 
-_BOOT = (  # the command socket is fd 3; nothing else inherited stays open
+_BOOT = (  # the command socket is fd 3, the pid slots fd 4; nothing else inherited stays open
     "import sys; sys.path.insert(0, {path!r}); "
     "from forkserver._server._loop import close_inherited, main, finish; "
-    "close_inherited(3); finish(main(3))"
+    "close_inherited(3, 4); finish(main(3, 4))"
 )
 
 Parts = Tuple[FdChannel, int, int]  # our channel, the pid, its pidfd
 
 
-def exec_interpreter(python: str, env: Dict[str, str]) -> Parts:
-    """posix_spawn a fresh template interpreter with its command socket on fd 3."""
+def exec_interpreter(python: str, env: Dict[str, str], owner: Any) -> None:
+    """posix_spawn a fresh template interpreter with its command socket on fd 3.
+
+    ``owner`` (a template object) gets the channel, with the pid as its
+    ``peer_pid``, and a pidfd.
+    """
     ours, theirs = socketpair()
-    ours.setblocking(False)
     child_fd = theirs.fileno()
-    if child_fd == 3:  # dup2(3, 3) would leave close-on-exec set
-        child_fd = os.dup(3)
+    slots_fd = region.fileno()
     pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     argv = [python, "-c", _BOOT.format(path=pkg_parent)]
     try:
-        pid = os.posix_spawn(
-            python,
-            argv,
-            env,
-            file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, child_fd, 3),
-            ],
-        )
-    except BaseException:
-        ours.close()
-        raise
+        ours.setblocking(False)
+        chan = FdChannel(ours)
+        owner._own(chan)  # from here on the owner ends whatever is made
+        if child_fd in (3, 4):  # dup2(n, n) would leave close-on-exec set; 4 is the slots' place
+            child_fd = fcntl.fcntl(child_fd, fcntl.F_DUPFD_CLOEXEC, 5)
+        if slots_fd in (3, 4):
+            slots_fd = fcntl.fcntl(slots_fd, fcntl.F_DUPFD_CLOEXEC, 5)
+        with deferred():
+            chan.peer_pid = os.posix_spawn(
+                python,
+                argv,
+                env,
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, child_fd, 3),
+                    (os.POSIX_SPAWN_DUP2, slots_fd, SLOTS_FD),
+                ],
+            )
+            owner._pidfd = open_pidfd(chan.peer_pid)
     finally:
         if child_fd != theirs.fileno():
             os.close(child_fd)
+        if slots_fd != region.fileno():
+            os.close(slots_fd)
         theirs.close()
-    return FdChannel(ours), pid, open_pidfd(pid)
 
 
 def fork_this_process() -> Parts:
@@ -65,6 +80,7 @@ def fork_this_process() -> Parts:
     """
     from ._server._loop import finish, main
 
+    region.fileno()  # the pid slots exist before the fork: the new template shares them
     ours, theirs = socketpair()
     sys.stdout.flush()
     sys.stderr.flush()

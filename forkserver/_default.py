@@ -14,8 +14,9 @@ import os
 import threading
 from typing import Any, Callable
 
-from . import _protocol as P
 from ._errors import BrokenChannelError, ProtocolError
+from ._interrupts import deferred
+from ._link import WAIT
 
 
 class _Default:
@@ -26,8 +27,12 @@ class _Default:
         self.template: Any = None  # a Template
 
     def get(self, start: Callable[[], Any]) -> Any:
-        """The default template; ``start()`` makes a new one when there is none or it died."""
-        with self.lock:
+        """The default template; ``start()`` makes a new one when there is none or it died.
+
+        Ctrl-C is deferred: a template started here is the registry's before
+        the interrupt comes.
+        """
+        with deferred(), self.lock:
             tpl = self.template
             if tpl is not None and not _alive(tpl):
                 self.template = tpl = None
@@ -63,20 +68,20 @@ class _Default:
 
 
 def _alive(tpl: Any) -> bool:
-    """Non-blocking check that the default template is usable (consumes its HELLO)."""
+    """Non-blocking check that the default template is usable.
+
+    Reads what has arrived: its greeting, and the replies of calls that
+    were interrupted (dropped).  A template found dead is handed to the
+    reaper (``Template._broken``).
+    """
     with tpl._lock:
         if tpl._status in ("closed", "broken", "running"):
             return False
         try:
-            frame = tpl._chan.receive()
-        except (BrokenChannelError, ProtocolError) as exc:
-            tpl._broken(exc, "check")
+            while tpl._step("check") is not WAIT:
+                pass
+        except (BrokenChannelError, ProtocolError):  # BrokenTemplateError included: it died
             return False
-        if frame is not None:
-            if frame.kind != P.HELLO or tpl._status != "starting":
-                tpl._broken(ProtocolError("unexpected frame"), "check")
-                return False
-            tpl._hello(frame)
         return True
 
 

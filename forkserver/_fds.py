@@ -1,7 +1,8 @@
 """Framed messages with file descriptors over an AF_UNIX stream socket.
 
-The only importer of the C module ``forkserver._fdpass``; used by the parent
-(non-blocking sockets) and by template processes (blocking sockets).
+The only importer of the C module ``forkserver._fdpass`` (``_sibling`` and
+``_slots`` use its ``ffi, lib`` from here); used by the parent (non-blocking
+sockets) and by template processes (blocking sockets).
 
 Wire format of one frame::
 
@@ -41,18 +42,17 @@ import socket
 import struct
 import time
 from collections import deque
-from typing import Deque, Iterable, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Deque, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 from ._errors import BrokenChannelError, ClosedError, FdTableFullError, ProtocolError
 from ._fdpass import ffi, lib
 
 __all__ = [
     "MAX_FDS_PER_MESSAGE",
+    "PID_KIND",
     "Frame",
     "FdChannel",
-    "fork_sibling",
     "gettid",
-    "spawn_sibling",
 ]
 
 MAX_FDS_PER_MESSAGE: int = lib.FDP_MAX_FDS
@@ -94,15 +94,32 @@ class _Reserve:
     largest batch seen so far (at most 253 fds), not 253 per channel.  The
     dup/close loops run in C: two syscalls per fd is the price of the trick.
 
+    Policy (the reserve protects receiving; it must not starve the rest of
+    the process).  Right before a receive, ``ensure(n)`` may take every
+    free slot: the fds about to arrive will use them.  Between receives the
+    standing reserve is only topped up while ``HEADROOM`` slots stay free
+    (``top_up``): a template that was sent most of its descriptor table
+    still has room to open ``/proc/self/status``, a socket, a pidfd -- to
+    fork and to evaluate.  Checking that costs ``2 * HEADROOM`` cheap
+    syscalls per top-up (~3 us); there is no cheaper exact count of free
+    slots.
+
+    Each count change is made in the same statement as the syscalls it
+    counts, so an exception raised between statements (a signal handler's)
+    never leaves a sentinel counted but closed, or held but uncounted.
+
     Limit: the lock orders our own channels only.  Another thread of the
     process that opens an fd between ``release`` and the ``recvmsg`` can take
     a freed slot; if the table is then full, the kernel drops fds and the
     channel raises ``ProtocolError``.
     """
 
+    #: descriptor slots the standing reserve always leaves free
+    HEADROOM = 16
+
     def __init__(self) -> None:
         self.lock = _thread.allocate_lock()
-        self._spare = ffi.new("int[]", MAX_FDS_PER_MESSAGE)
+        self._spare = ffi.new("int[]", MAX_FDS_PER_MESSAGE + self.HEADROOM)
         self._count = 0
         self._model = -1
         self.inherit = False  # set around fork_sibling: a template clone keeps the reserve
@@ -125,41 +142,67 @@ class _Reserve:
         around, nor should a template clone that becomes a worker.  A clone
         that stays a template keeps them: it needs the same reserve.
         """
-        lib.fdp_close_many(self._spare, self._count)
-        self._count = 0
+        self._count = lib.fdp_close_many(self._spare, self._count) and 0
         if self._model >= 0:
-            os.close(self._model)
-            self._model = -1
+            self._model = os.close(self._model) or -1  # os.close returns None
 
-    def ensure(self, n: int) -> bool:
-        """Hold at least ``n`` sentinels; False if the table is full.  Lock held."""
-        missing = n - self._count
-        if missing <= 0:
+    def _have_model(self) -> bool:
+        if self._model >= 0:
             return True
         try:
-            if self._model < 0:
-                fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-                try:  # keep the model out of 0-2: a process may close its stdio
-                    self._model = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
-                finally:
-                    os.close(fd)
+            fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            try:  # keep the model out of 0-2: a process may close its stdio
+                self._model = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+            finally:
+                os.close(fd)
         except OSError as exc:
             if exc.errno in _TABLE_FULL:
                 return False
             raise
-        got = lib.fdp_dup_many(self._model, self._spare + self._count, missing)
-        self._count += got
-        if got < missing:
-            err = ffi.errno
-            if err in _TABLE_FULL:
-                return False
-            raise OSError(err, f"dup of a sentinel fd: {os.strerror(err)}")
         return True
+
+    def _dup(self, n: int) -> int:
+        """Add up to ``n`` sentinels; how many were added (fewer: the table is full)."""
+        before = self._count
+        self._count += lib.fdp_dup_many(self._model, self._spare + self._count, n)
+        got = self._count - before
+        if got < n and ffi.errno not in _TABLE_FULL:
+            err = ffi.errno
+            raise OSError(err, f"dup of a sentinel fd: {os.strerror(err)}")
+        return got
+
+    def ensure(self, n: int) -> bool:
+        """Hold at least ``n`` sentinels for an imminent receive; False if the table is full.
+
+        Lock held.  May take the last free slots: the fds that arrive use them.
+        """
+        missing = n - self._count
+        if missing <= 0:
+            return True
+        if not self._have_model():
+            return False
+        if self._dup(missing) == missing:
+            return True
+        self._leave_headroom()  # we wait for slots: leave the rest of the process its share
+        return False
+
+    def top_up(self, n: int) -> None:
+        """Hold up to ``n`` sentinels between receives, leaving ``HEADROOM`` slots free.  Lock held."""
+        if not self._have_model():
+            return
+        missing = max(0, n - self._count)
+        if self._dup(missing + self.HEADROOM) == missing + self.HEADROOM:
+            self.release(self.HEADROOM)  # they proved HEADROOM more slots are free
+        else:
+            self._leave_headroom()  # the table is full now
+
+    def _leave_headroom(self) -> None:
+        """The table is full: give up HEADROOM sentinels (or all) so that many slots are free."""
+        self.release(min(self._count, self.HEADROOM))
 
     def release(self, n: int) -> None:
         """Close ``n`` sentinels so the kernel can install ``n`` fds.  Lock held."""
-        self._count -= n
-        lib.fdp_close_many(self._spare + self._count, n)
+        self._count -= n + (lib.fdp_close_many(self._spare + self._count - n, n) and 0)
 
 
 _reserve = _Reserve()
@@ -173,6 +216,13 @@ def _raise_errno(what: str, chan: "FdChannel") -> None:
     raise OSError(err, f"{what} on {chan!r}: {os.strerror(err)}")
 
 
+# Receive cursors (struct fdp_cursor, advanced by fdp_recv itself): the
+# header, the payload, the carriers (bytes = carrier bytes, nfds = fds).
+_HDR, _PAY, _CAR = 0, 1, 2
+_CURSORS_SIZE = ffi.sizeof("struct fdp_cursor[3]")
+_NO_CURSORS = bytes(_CURSORS_SIZE)
+
+
 class FdChannel:
     """A bidirectional, queued channel of frames and fds over an AF_UNIX stream socket.
 
@@ -181,7 +231,22 @@ class FdChannel:
     ``receive`` returns one complete frame or ``None`` when nothing complete
     is available yet.  On a blocking socket both calls block instead.
     fds are sent and received in strict FIFO order and never lost.
+
+    ``PID`` frames (written by a new process itself, see ``fork_sibling``)
+    are not returned: the channel records them as ``peer_pid``.
+
+    Interruptions.  ``receive`` may be interrupted anywhere (an exception
+    raised between two statements, say by a signal handler) and called
+    again: the kernel's bytes and fds are counted by the C call that
+    received them, so nothing is lost, duplicated or misread.  A ``send``
+    or ``flush`` interrupted after handing part of a frame to the kernel
+    closes the channel (half a frame in the stream would be misread):
+    callers that must not lose the channel defer ``KeyboardInterrupt``
+    around it (``forkserver._interrupts``).
     """
+
+    #: a pid slot (``_slots``) of the fork or spawn this channel reports on, until settled
+    slot: Optional[int] = None
 
     def __init__(self, sock: socket.socket, *, fd_wait: float = 10.0) -> None:
         if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
@@ -191,24 +256,22 @@ class FdChannel:
         self._blocking = sock.getblocking()
         self.fd_wait = fd_wait
         self._out: Deque[List] = deque()  # [bytearray, fds or None, bytes already sent]
-        # receive state
+        self._in_send = False  # True while part of a frame may be in the kernel only
+        # receive state: three cursors, the header bytes, and per frame (made
+        # when its header is complete) the payload, the carrier bytes and the fds
+        self._cur = ffi.new("struct fdp_cursor[3]")
         self._hdr = bytearray(HEADER.size)
         self._hdr_c = ffi.from_buffer(self._hdr)  # never resized, so a lasting export is fine
-        self._hdr_got = 0
-        self._kind = 0
-        self._nfds = 0
         self._payload: Optional[bytearray] = None
-        self._payload_got = 0
-        self._rx_fds: List[int] = []
-        self._cfds = ffi.new("int[]", MAX_FDS_PER_MESSAGE)
-        self._cnfds = ffi.new("int *")
-        self._cflags = ffi.new("int *")
-        self._carrier = bytearray(1)
-        self._carrier_c = ffi.from_buffer(self._carrier)
+        self._payload_c = None
+        self._carriers = None  # cdata char[]: one byte per fd batch
+        self._rx = None  # cdata int[]: the frame's fds as they arrive
         self._backoff = 0.0
         self.stalled_until: Optional[float] = None
         self._stall_deadline: Optional[float] = None  # blocking sockets only
         self.closed = False
+        #: the peer process's pid, once a PID frame announced it
+        self.peer_pid: Optional[int] = None
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd={self._fd}"
@@ -237,30 +300,37 @@ class FdChannel:
         for i in range(0, len(fdlist), MAX_FDS_PER_MESSAGE):
             units.append((_CARRIER, fdlist[i : i + MAX_FDS_PER_MESSAGE]))
         done = 0
-        if not self._out:
-            # Fast path: hand the caller's own fds to the kernel, no dups.  A
-            # sendmsg takes its fds with its first byte or not at all.
-            for data, unit_fds in units:
-                n = self._sendmsg(data, 0, unit_fds)
-                if n < 0:
-                    break
-                done += 1
-                if n < len(data):
-                    self._out.append([bytearray(data[n:]), None, 0])
-                    break
-        for data, unit_fds in units[done:]:
-            dups = None
-            if unit_fds:
-                try:
-                    dups = [os.dup(fd) for fd in unit_fds]
-                except OSError:
-                    if done:  # part of the frame is in the stream: it is unusable now
-                        self.close()
-                    raise
-            if dups is None:
-                self._queue(data, None)
-            else:
-                self._out.append([bytearray(data), dups, 0])
+        try:
+            if not self._out:
+                # Fast path: hand the caller's own fds to the kernel, no dups.  A
+                # sendmsg takes its fds with its first byte or not at all.
+                self._in_send = True
+                for data, unit_fds in units:
+                    n = self._sendmsg(data, 0, unit_fds)
+                    if n < 0:
+                        break
+                    done += 1
+                    if n < len(data):
+                        self._out.append([bytearray(data[n:]), None, 0])
+                        break
+            for data, unit_fds in units[done:]:
+                dups = None
+                if unit_fds:
+                    try:
+                        dups = [os.dup(fd) for fd in unit_fds]
+                    except OSError:
+                        if done:  # part of the frame is in the stream: it is unusable now
+                            self.close()
+                        raise
+                if dups is None:
+                    self._queue(data, None)
+                else:
+                    self._out.append([bytearray(data), dups, 0])
+            self._in_send = False
+        except BaseException:
+            if self._in_send:
+                self.close()  # part of this frame may be in the stream: the channel is broken
+            raise
 
     def _sendmsg(self, data, offset: int, fds: Optional[List[int]]) -> int:
         """One sendmsg from ``data[offset:]`` with ``fds``; bytes sent, or -1 for EAGAIN."""
@@ -294,20 +364,27 @@ class FdChannel:
     def flush(self) -> bool:
         """Send as much of the queue as the socket takes; True once it is empty."""
         out = self._out
-        while out:
-            unit = out[0]
-            data, fds, offset = unit
-            n = self._sendmsg(data, offset, fds)
-            if n < 0:
-                return False
-            if fds:
-                # The kernel holds its own references now.
-                lib.fdp_close_many(ffi.new("int[]", fds), len(fds))
-                unit[1] = None
-            unit[2] += n
-            if unit[2] == len(data):
-                out.popleft()
-        return True
+        try:
+            while out:
+                unit = out[0]
+                data, fds, offset = unit
+                self._in_send = True
+                n = self._sendmsg(data, offset, fds)
+                if n < 0:
+                    self._in_send = False
+                    return False
+                if fds:
+                    # The kernel holds its own references now.
+                    unit[1] = None if lib.fdp_close_many(ffi.new("int[]", fds), len(fds)) else None
+                unit[2] += n
+                if unit[2] == len(data):
+                    out.popleft()
+                self._in_send = False
+            return True
+        except BaseException:
+            if self._in_send:
+                self.close()  # sent bytes may be counted as unsent: the stream is unusable
+            raise
 
     # -- receiving ---------------------------------------------------------------
 
@@ -318,102 +395,120 @@ class FdChannel:
         ``FdTableFullError`` if fd slots stay unavailable for ``fd_wait``
         seconds, losing nothing).  Raises ``BrokenChannelError`` when the peer
         has closed the channel, ``ProtocolError`` on a malformed stream.
+        A ``PID`` frame is absorbed into ``peer_pid`` instead of returned.
         """
         if self.closed:
             raise ClosedError(f"receive on {self!r}: the channel was closed; open a new one")
+        cur = self._cur
         while True:
-            if self._hdr_got < HEADER.size:
-                if not self._read_header():
+            if cur[_HDR].got < HEADER.size:
+                if not self._read(self._hdr_c, HEADER.size, cur + _HDR):
                     return None
                 continue
-            if self._payload is not None and self._payload_got < len(self._payload):
-                if not self._read_payload():
+            length, nfds, kind = HEADER.unpack(self._hdr)
+            if cur[_PAY].got < length:
+                if self._payload_c is None:
+                    self._payload = bytearray(length)
+                    self._payload_c = ffi.from_buffer(self._payload)
+                if not self._read(self._payload_c, length, cur + _PAY):
                     return None
                 continue
-            if len(self._rx_fds) < self._nfds:
-                if not self._read_carrier():
+            if cur[_CAR].nfds < nfds:
+                if self._rx is None:
+                    self._carriers = ffi.new("char[]", -(-nfds // MAX_FDS_PER_MESSAGE))
+                    self._rx = ffi.new("int[]", nfds)
+                if not self._read_carrier(nfds):
                     return None
                 continue
-            return self._complete()
+            payload = bytes(self._payload) if length else b""
+            if kind == PID_KIND and not nfds and length == PID_FORMAT.size:
+                # Recorded in the same statement that resets the receive state.
+                self.peer_pid, _ = PID_FORMAT.unpack(payload)[0], self._reset()
+                continue
+            frame = Frame(kind, payload, ffi.unpack(self._rx, nfds) if nfds else [])
+            self._reset()
+            return frame
 
-    def _complete(self) -> Frame:
-        payload = bytes(self._payload) if self._payload is not None else b""
-        frame = Frame(self._kind, payload, self._rx_fds)
-        self._hdr_got = 0
-        self._payload = None
-        self._payload_got = 0
-        self._rx_fds = []
-        self._nfds = 0
-        return frame
+    def _reset(self) -> None:
+        """Start the next frame.  One statement: no state between the old frame and the new."""
+        self._payload = self._payload_c = self._carriers = self._rx = ffi.memmove(
+            self._cur, _NO_CURSORS, _CURSORS_SIZE
+        )
 
-    def _recv(self, buf, length: int, maxfds: int) -> int:
-        """One recvmsg; returns bytes read, -1 for EAGAIN; raises on EOF/errors."""
+    def _read(self, buf, length: int, cur) -> bool:
+        """One recvmsg into what is left of ``buf``; False for EAGAIN; raises on EOF/errors."""
         while True:
-            n = lib.fdp_recv(self._fd, buf, length, self._cfds, maxfds, self._cnfds, self._cflags, 0)
+            n = lib.fdp_recv(self._fd, buf, length, ffi.NULL, 0, cur, 0)
             if n >= 0:
                 break
-            if ffi.errno == errno.EINTR:
+            err = ffi.errno
+            if err == errno.EINTR:
                 continue
-            if ffi.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
-                return -1
+            if err in (errno.EAGAIN, errno.EWOULDBLOCK):
+                return False
             _raise_errno("recvmsg", self)
-        if self._cflags[0] & _MSG_CTRUNC:
-            got = ffi.unpack(self._cfds, self._cnfds[0])
-            self._fail(got, "fds were truncated (MSG_CTRUNC): more than announced, or lost")
+        if cur.flags & _MSG_CTRUNC:  # the kernel closed fds sent with bytes we read
+            self._fail("fds were attached to frame bytes, not to a carrier")
         if n == 0:
-            where = "between frames" if self._hdr_got == 0 else "in the middle of a frame"
+            where = "between frames" if self._cur[_HDR].got == 0 else "in the middle of a frame"
             raise BrokenChannelError(f"{self!r}: the peer closed the channel {where}")
-        return n
+        return True
 
-    def _fail(self, fds: List[int], why: str) -> None:
-        for fd in fds + self._rx_fds:
-            os.close(fd)
-        self._rx_fds = []
+    def _fail(self, why: str) -> None:
+        """Close the fds received so far and raise: the stream is unusable."""
+        car = self._cur + _CAR
+        if self._rx is not None:
+            car.nfds = lib.fdp_close_many(self._rx, car.nfds) and 0
         raise ProtocolError(f"{self!r}: {why}; close this channel")
 
-    def _read_header(self) -> bool:
-        n = self._recv(self._hdr_c + self._hdr_got, HEADER.size - self._hdr_got, 0)
-        if n < 0:
-            return False
-        self._hdr_got += n
-        if self._hdr_got == HEADER.size:
-            length, self._nfds, self._kind = HEADER.unpack(self._hdr)
-            self._payload = bytearray(length) if length else None
-        return True
-
-    def _read_payload(self) -> bool:
-        assert self._payload is not None
-        with ffi.from_buffer(self._payload) as buf:
-            n = self._recv(buf + self._payload_got, len(self._payload) - self._payload_got, 0)
-        if n < 0:
-            return False
-        self._payload_got += n
-        return True
-
-    def _read_carrier(self) -> bool:
+    def _read_carrier(self, nfds: int) -> bool:
+        car = self._cur + _CAR
+        batch = car.got  # carriers received so far
+        if car.nfds != min(nfds, batch * MAX_FDS_PER_MESSAGE):
+            self._fail(f"expected {min(nfds, batch * MAX_FDS_PER_MESSAGE)} fds, got {car.nfds}")
+        if batch and self._carriers[batch - 1] != _CARRIER:
+            self._fail(f"expected a carrier byte, got {self._carriers[batch - 1]!r}")
         if self.stalled_until is not None:
             now = time.monotonic()
             if now < self.stalled_until and not self._wait_stall(now):
                 return False
             self.stalled_until = None
-        want = min(self._nfds - len(self._rx_fds), MAX_FDS_PER_MESSAGE)
+        want = min(nfds - car.nfds, MAX_FDS_PER_MESSAGE)
         with _reserve.lock:
             if not _reserve.ensure(want):
                 self._stall()
                 return self._blocking  # a blocking channel sleeps through it and retries
             _reserve.release(want)
             try:
-                n = self._recv(self._carrier_c, 1, want)
+                # At most one carrier byte per call: never read past this unit.
+                got = self._read_fds(batch + 1, want, car)
             finally:
-                _reserve.ensure(want)  # best effort; checked again before the next carrier
-        if n < 0:
+                _reserve.top_up(want)  # checked again before the next carrier
+        if not got:
             return False
-        got = ffi.unpack(self._cfds, self._cnfds[0])
-        if self._carrier != _CARRIER or len(got) != want:
-            self._fail(got, f"expected a carrier with {want} fds, got {bytes(self._carrier)!r} with {len(got)}")
+        if car.nfds != min(nfds, (batch + 1) * MAX_FDS_PER_MESSAGE) or self._carriers[batch] != _CARRIER:
+            got = car.nfds - min(nfds, batch * MAX_FDS_PER_MESSAGE)
+            self._fail(f"expected a carrier with {want} fds, got {self._carriers[batch]!r} with {got}")
         self._backoff = 0.0
         self._stall_deadline = None
-        self._rx_fds.extend(got)
+        return True
+
+    def _read_fds(self, length: int, want: int, car) -> bool:
+        """One recvmsg of a carrier byte with up to ``want`` fds; False for EAGAIN."""
+        while True:
+            n = lib.fdp_recv(self._fd, self._carriers, length, self._rx, want, car, 0)
+            if n >= 0:
+                break
+            err = ffi.errno
+            if err == errno.EINTR:
+                continue
+            if err in (errno.EAGAIN, errno.EWOULDBLOCK):
+                return False
+            _raise_errno("recvmsg", self)
+        if car.flags & _MSG_CTRUNC:
+            self._fail("fds were truncated (MSG_CTRUNC): more than announced, or lost")
+        if n == 0:
+            raise BrokenChannelError(f"{self!r}: the peer closed the channel in the middle of a frame")
         return True
 
     def _stall(self) -> None:
@@ -440,17 +535,18 @@ class FdChannel:
     # -- closing -----------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the socket and every fd still queued or half-received.  Idempotent."""
-        if self.closed:
-            return
+        """Close the socket and every fd still queued or half-received.  Idempotent.
+
+        Each fd is closed in the statement that forgets it: an interrupted
+        close can be called again and never closes an fd twice.
+        """
         self.closed = True
-        for _, fds, _ in self._out:
-            for fd in fds or ():
-                os.close(fd)
-        self._out.clear()
-        for fd in self._rx_fds:
-            os.close(fd)
-        self._rx_fds = []
+        out = self._out
+        while out:
+            (fds := out.popleft()[1]) and lib.fdp_close_many(ffi.new("int[]", fds), len(fds))
+        car = self._cur + _CAR
+        if self._rx is not None and car.nfds:
+            car.nfds = lib.fdp_close_many(self._rx, car.nfds) and 0
         self.sock.close()
 
     def __enter__(self) -> "FdChannel":
@@ -460,74 +556,22 @@ class FdChannel:
         self.close()
 
 
-def fork_sibling() -> int:
-    """Create a process whose parent is our parent (``clone(CLONE_PARENT)``).
-
-    Returns the new pid in the caller and 0 in the new process, like
-    ``os.fork()``.  Only safe in a single-threaded process: the caller checks.
-    """
-    _reserve.inherit = True
-    try:
-        pid = lib.fdp_fork_sibling()
-    finally:
-        _reserve.inherit = False
-    if pid < 0:
-        err = ffi.errno
-        raise OSError(err, f"clone(CLONE_PARENT) failed: {os.strerror(err)}")
-    return pid
+#: The kind of the frame a new process writes first (``fork_sibling``,
+#: ``spawn_sibling``): its pid.  FdChannel records it as ``peer_pid``.
+PID_KIND = 106
+PID_FORMAT = struct.Struct("=i")
+_PID_PREFIX = HEADER.pack(PID_FORMAT.size, 0, PID_KIND)
 
 
-#: where a failed spawn stopped (``spawn_sibling``'s third result)
-STAGE_SESSION: int = lib.FDP_STAGE_SESSION
-STAGE_FDS: int = lib.FDP_STAGE_FDS
-STAGE_CWD: int = lib.FDP_STAGE_CWD
-STAGE_EXEC: int = lib.FDP_STAGE_EXEC
+def __getattr__(name: str) -> Any:  # PEP 562: the process-making calls moved to _sibling
+    if name in _SIBLING:
+        from . import _sibling
+
+        return getattr(_sibling, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def spawn_sibling(
-    strings: bytes,
-    counts: Tuple[int, int, int],
-    cwd: Optional[bytes],
-    fd_map: List[Tuple[int, int]],
-    keep: List[int],
-    new_session: bool,
-    pgid: int,
-    dfl_sigs: int,
-) -> Tuple[int, int, int]:
-    """Start a program as a child of our parent, vfork-style: ``(pid, errno, stage)``.
-
-    ``strings`` holds the candidate paths, the argv and the environment,
-    each string NUL-terminated, back to back; ``counts`` says how many of
-    each.  The paths are tried in turn like ``execvpe``.  ``fd_map`` lists
-    ``(source fd, target fd)`` pairs (source -1: the target is closed; no
-    source may also be a target); ``keep`` the targets above 2, ascending;
-    every other fd is closed at exec.  If the child failed before or in
-    ``execve``, errno is non-zero and the pid is still that of an exited
-    child the caller's parent must reap.
-    Raises ``OSError`` only if the clone itself failed.
-    """
-    nfd = len(fd_map)
-    a = ffi.new("struct fdp_spawn_args *")
-    # A struct field does not keep its cdata alive: these locals do, until we return.
-    buf = ffi.from_buffer(strings)
-    ptrs = ffi.new("char *[]", sum(counts) + 3)
-    a.strings, a.ptrs = buf, ptrs
-    a.npaths, a.nargv, a.nenv = counts
-    cwd_c = ffi.new("char[]", cwd) if cwd is not None else ffi.NULL
-    a.cwd = cwd_c
-    src = ffi.new("int[]", [s for s, _ in fd_map] or [0])
-    dst = ffi.new("int[]", [d for _, d in fd_map] or [0])
-    keep_c = ffi.new("int[]", keep or [0])
-    a.src, a.dst, a.nfd = src, dst, nfd
-    a.keep, a.nkeep = keep_c, len(keep)
-    a.new_session = bool(new_session)
-    a.pgid = pgid
-    a.dfl_sigs = dfl_sigs
-    pid = lib.fdp_spawn_sibling(a)
-    if pid < 0:
-        err = ffi.errno
-        raise OSError(err, f"clone(CLONE_VM|CLONE_VFORK|CLONE_PARENT) failed: {os.strerror(err)}")
-    return pid, a.err, a.stage
+_SIBLING = {"fork_sibling", "spawn_sibling", "STAGE_SESSION", "STAGE_FDS", "STAGE_CWD", "STAGE_EXEC"}
 
 
 def gettid() -> int:

@@ -8,6 +8,7 @@ import socket
 import threading
 from typing import IO, Any, Callable, Iterator, Optional, Sequence, Tuple
 
+from ._interrupts import deferred
 from ._wait import GONE, open_pidfd, reap_now, wait_readable
 
 
@@ -96,12 +97,12 @@ class Child:
         # Close the pidfd once reaped, but never under a thread polling it:
         # its number could be reused by an unrelated fd meanwhile.
         if self.returncode is not None and self._waiters == 0 and self._pidfd is not None:
-            os.close(self._pidfd)
-            self._pidfd = None
+            self._pidfd = os.close(self._pidfd)  # os.close returns None: closed and forgotten at once
 
     def poll(self) -> Optional[int]:
         """The returncode if the process has exited (reaping it), else None."""
-        with self._lock:
+        # Ctrl-C deferred: between the waitpid and storing its status, it would lose the status.
+        with deferred(), self._lock:
             if self.returncode is not None:
                 return self.returncode
             return self._reaped(reap_now(self.pid))
@@ -140,15 +141,17 @@ class Child:
     @contextlib.contextmanager
     def _waiting(self) -> Iterator[Optional[int]]:
         """Yield the pidfd to wait on (None once reaped), kept open meanwhile."""
-        with self._lock:
-            pidfd = None if self.returncode is not None else self._pidfd
-            self._waiters += 1
+        counted = False
         try:
+            with self._lock:
+                pidfd = None if self.returncode is not None else self._pidfd
+                self._waiters, counted = self._waiters + 1, True
             yield pidfd
         finally:
-            with self._lock:
-                self._waiters -= 1
-                self._release_pidfd()
+            if counted:
+                with self._lock:
+                    self._waiters -= 1
+                    self._release_pidfd()
 
     def _timeout(self, timeout: Optional[float]) -> Exception:
         import subprocess
@@ -175,6 +178,8 @@ class Child:
         (None for a stream that is not a pipe); after ``timeout`` seconds
         raises ``subprocess.TimeoutExpired`` and the child keeps running --
         call ``communicate()`` again (nothing read is lost) or ``kill()`` it.
+        The same after a ``KeyboardInterrupt``; passing the same ``input``
+        object again is fine, it is not written twice.
         """
         if self._communicate is None:  # no pipes to serve (a worker): just the wait
             if input is not None:
@@ -275,7 +280,6 @@ class Child:
             if self.returncode is None and self._pidfd is not None:
                 from ._reaper import reaper
 
-                pidfd, self._pidfd = self._pidfd, None
-                reaper.adopt(self.pid, pidfd)
+                self._pidfd = reaper.adopt(self.pid, self._pidfd)  # handed over and forgotten at once
         except Exception:
             pass  # interpreter shutdown: the kernel reparents what is left

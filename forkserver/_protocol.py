@@ -2,13 +2,34 @@
 
 Frames travel over ``_fds.FdChannel``.  Parent → template commands are
 pipelined; only ``REQUIRE``, ``EVAL`` and ``RUN`` get a reply, and the parent
-waits for it before the call returns, so at most one reply is outstanding per
-template.  A failed pipelined command (``SETUP``, ``SEND_ARG``, ``SEND_FH``)
-marks the template broken: every later reply-bearing command answers with
-that first error, and ``FORK`` refuses — so no error is ever silent, and it
-surfaces no later than the next call that waits.
+waits for it before the call returns.  A failed pipelined command (``SETUP``,
+``SEND_ARG``, ``SEND_FH``) marks the template broken: every later
+reply-bearing command answers with that first error, and ``FORK`` refuses —
+so no error is ever silent, and it surfaces no later than the next call that
+waits.  A malformed frame (an unknown kind, the wrong number of fds, a
+payload that does not decode) breaks the template the same way, with a
+``ProtocolError``; it is never executed.
 
-``SPAWN`` (fork + exec of a program) replies on its own reply pipe, sent
+Replies in step (version 4).  Every reply-bearing command starts with a
+*call id* (``CALL``: 8 bytes, unique in the parent) and its reply --
+``RESULT``, ``ERROR`` or ``RUNNING`` -- starts with the same id.  A call
+that was interrupted (Ctrl-C, a cancelled coroutine) after sending its
+command leaves its reply in the socket; the next call on the template reads
+it, sees an id that is not its own, and drops it.  So an interruption never
+shifts replies, and nothing has to be counted.  An ``ERROR`` with id 0
+answers no call: the template reports that it stopped serving (its socket
+broke mid-frame, its descriptor table stayed full) just before it exits.
+
+Pids first (version 4).  The first frame a new process writes -- a clone on
+its new socket, a spawned program on its reply socket -- is ``PID`` with its
+own pid, written by the C code right after the clone, before any Python code
+runs in it.  The parent thus knows the pid of everything it owns even if the
+new process or its template dies right after (``FdChannel.peer_pid``).  And
+for a process killed before its first instruction: ``FORK`` and ``SPAWN``
+name a *pid slot* in memory the parent shares with its templates, where the
+kernel stores the pid during the clone (``_slots``).
+
+``SPAWN`` (fork + exec of a program) replies on its own reply socket, sent
 with the command, never on the template's socket: the default template is
 shared by every thread of the parent, so replies must not cross.
 
@@ -31,11 +52,12 @@ import socket
 import struct
 import sys
 import traceback
-from typing import Any, Callable, Dict, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from ._errors import RemoteError, RemoteTraceback
+from ._fds import PID_FORMAT, PID_KIND  # noqa: F401 - PID_FORMAT re-exported
 
-VERSION = 3  # 2: SPAWN; 3: FORK's "after"
+VERSION = 4  # 2: SPAWN; 3: FORK's "after"; 4: call ids in replies, PID frames
 
 # parent -> template
 SETUP = 1  # pickled context dict; fds: stdin, stdout, stderr (those given)
@@ -43,24 +65,29 @@ REQUIRE = 2  # pickled tuple of module names                      -> RESULT | ER
 EVAL = 3  # pickled (source, args)                                -> RESULT | ERROR
 SEND_ARG = 4  # pickled list of objects
 SEND_FH = 5  # pickled list of handle descriptions; fds: the handles
-FORK = 6  # empty, or pickled {"prelude", "run"} or {"spare", "after"}; fds: new socket, prelude fds
+FORK = 6  # pickled {"slot"} + {"prelude", "run", "call"} or {"spare", "after"}; fds: new socket, prelude fds
 RUN = 7  # pickled (module, qualname)                              -> RUNNING | ERROR
-SPAWN = 8  # pickled spawn spec; fds: reply pipe, then the program's fds -> SPAWNED | ERROR
+SPAWN = 8  # SLOT + pickled spawn spec; fds: reply socket, then the program's fds -> SPAWNED | ERROR
 
 # template -> parent
 HELLO = 101  # HELLO_FORMAT (version, pid): the first frame on every command socket
 RESULT = 102
 ERROR = 103  # encode_error()
 RUNNING = 104  # the last protocol frame: user bytes follow
-SPAWNED = 105  # SPAWNED_FORMAT (pid, errno, stage), on the SPAWN's reply pipe
+SPAWNED = 105  # SPAWNED_FORMAT (pid, errno, stage), on the SPAWN's reply socket
+PID = PID_KIND  # 106, PID_FORMAT (pid,): the first frame a new process writes itself
 
 HELLO_FORMAT = struct.Struct("=II")
 SPAWNED_FORMAT = struct.Struct("=iii")
+CALL = struct.Struct("=Q")  # the call id leading REQUIRE/EVAL/RUN and their replies
+REPLIES = (RESULT, ERROR, RUNNING)
+REPLYING = (REQUIRE, EVAL, RUN)
 
 NAMES = {
     SETUP: "setup", REQUIRE: "require", EVAL: "eval", SEND_ARG: "send_arg",
     SEND_FH: "send_fh", FORK: "fork", RUN: "run", SPAWN: "spawn",
     HELLO: "hello", RESULT: "result", ERROR: "error", RUNNING: "running", SPAWNED: "spawned",
+    PID: "pid",
 }  # fmt: skip
 
 # The module every template runs require()/eval() in (forkserver/_server/_namespace.py);
@@ -84,6 +111,31 @@ def dumps(obj: Any) -> bytes:
 
 
 loads = pickle.loads
+
+
+def with_call(call_id: int, body: bytes = b"") -> bytes:
+    """A reply-bearing command's or a reply's payload: the call id, then ``body``."""
+    return CALL.pack(call_id) + body
+
+
+SLOT = struct.Struct("=i")  # the pid slot (forkserver._slots) leading a SPAWN; -1: none
+
+
+def with_slot(slot: Optional[int], body: bytes) -> bytes:
+    """A SPAWN's payload: its pid slot (see ``_slots``), then ``body``."""
+    return SLOT.pack(-1 if slot is None else slot) + body
+
+
+def split_slot(payload: bytes) -> Tuple[Optional[int], bytes]:
+    slot = SLOT.unpack_from(payload)[0]
+    return (None if slot < 0 else slot), payload[SLOT.size :]
+
+
+def split_call(payload: bytes) -> Tuple[int, bytes]:
+    """(call id, body) of a payload made by ``with_call``; ValueError if it is too short."""
+    if len(payload) < CALL.size:
+        raise ValueError(f"a {len(payload)}-byte payload has no call id")
+    return CALL.unpack_from(payload)[0], payload[CALL.size :]
 
 
 # -- errors --------------------------------------------------------------------

@@ -6,13 +6,31 @@ are pipelined: ``send_arg``, ``send_fh`` and ``fork`` return at once;
 ``require``, ``eval`` and ``run`` wait for their reply, and raise any error
 of an earlier pipelined command.  Each ``Template`` serialises its own calls
 with a lock, so many threads may use many templates (or one) at once.
+
+Interrupted calls (Ctrl-C, ``KeyboardInterrupt``; see docs/reliability.md).
+A call takes the interrupt at a point where everything is consistent --
+while it waits, or when it ends -- and leaves:
+
+* ``require``/``eval``: the command still runs in the template; its reply
+  is dropped by the next call, which gets its own (replies stay in step).
+  The template stays usable.
+* ``run``: no worker is left unreachable.  If the interrupt comes before
+  ``run()`` returned its ``Child``, the worker (or the process told to
+  become it) is SIGKILLed and reaped, and the template is consumed.
+* ``Template()``: nothing is left behind; the default template stays usable.
+* ``close()``: the template is closed all the same; if it had not exited
+  yet, the reaper thread SIGKILLs it after the grace period and reaps it.
+
+Any other exception in the middle of a call (``MemoryError``) leaves the
+template either usable or broken (``BrokenTemplateError`` on its next use,
+its process reaped); never a reply out of step, a lost pid or a double close.
 """
 from __future__ import annotations
 
 import atexit
+import itertools
 import os
 import pickle
-import signal
 import socket
 import sys
 import threading
@@ -24,21 +42,24 @@ from ._boot import exec_interpreter, fork_this_process
 from ._cloning import Cloning
 from ._context import caller_context, dup_all
 from ._default import _default
-from ._errors import BrokenChannelError, BrokenTemplateError, ClosedError, ProtocolError
+from ._errors import BrokenChannelError, BrokenTemplateError
 from ._fds import FdChannel, Frame
+from ._interrupts import deferred
+from ._link import AGAIN, CLOSE_GRACE, WAIT, Link
 from ._process import Child
-from ._wait import ReapedElsewhere, open_pidfd, reap, wait_channel
+from ._running import Running, _kill_on_exit
 
 Handle = Union[int, socket.socket, Any]
 Target = Union[str, Callable[..., Any]]
 
-_CLOSE_GRACE = 5.0  # seconds a closed template gets to exit before SIGKILL
-_WAIT = object()  # _step: nothing complete yet, wait for the socket
-_HELLO_READ = object()  # _step: the greeting was read
+_CLOSE_GRACE = CLOSE_GRACE
+_WAIT, _AGAIN = WAIT, AGAIN  # for forkserver.aio
+_HELLO_READ = AGAIN  # the older name
 _KEEPS_STATE = (P.FORK, P.SPAWN)  # commands that leave the template as it was
+_ids = itertools.count(1)  # call ids (next() is atomic under the GIL)
 
 
-class Template(Cloning):
+class Template(Link, Running, Cloning):
     """A template process: load code and data into it, then ``fork()`` or ``run()`` it.
 
     ``Template()`` creates a new, empty template, cloned from the shared
@@ -74,7 +95,22 @@ class Template(Cloning):
     child like the others, ended with its template; any command that changes
     the template replaces it.  ``spare=False`` keeps none (forks of this
     template inherit the setting).
+
+    A ``KeyboardInterrupt`` during a call leaves the template usable (or, for
+    ``run``, consumed with its worker killed): see the module docs.
     """
+
+    # Defaults of an object whose _adopt() was cut short: it owns nothing.
+    _chan = None
+    _pidfd = None
+    _status = "closed"
+    _run_sent = False
+    _owner = None
+    _spare = None
+    _prelude: Any = ()
+    _pending: Any = ()
+    _base = None
+    _refill_after_run = None
 
     def __init__(
         self,
@@ -88,49 +124,60 @@ class Template(Cloning):
         spare: bool = True,
     ) -> None:
         context = caller_context(env, cwd, (stdin, stdout, stderr), sys.path, gc_freeze)
+        opened = context[2]
+        self._adopt(None, "Template()")
         try:
-            for attempt in (1, 2, 3):
-                base = default_template()
-                with base._lock:
-                    clone, was_spare = base._clone()
-                self._adopt(clone._chan, "Template()", clone._pid)
-                self._take_over(clone)
-                self._keep_spare = spare
-                try:
-                    self._read_hello()
-                    break
-                except BrokenTemplateError:
-                    # EOF before the greeting.  A spare may have been killed
-                    # since it was made: try a fresh clone.  Else the default
-                    # template died before it could fork (nothing was
-                    # created): start a new one, once.
-                    if not was_spare:
-                        _default.discard(base)
-                    if attempt == 3:
-                        raise
+            with deferred():
+                for attempt in (1, 2, 3):
+                    base = default_template()
+                    with base._lock:
+                        clone, was_spare = base._clone()
+                    self._take_over(clone)
+                    self._keep_spare = spare
+                    try:
+                        self._read_hello()
+                        self._read_available()  # a spare that greeted long ago may have died since
+                        self._setup(context[0], context[1])
+                        break
+                    except BrokenTemplateError:
+                        # EOF instead of the greeting, or the spare we took is dead:
+                        # try a fresh clone.  Else the default template died before
+                        # it could fork (nothing was created): start a new one, once.
+                        if not was_spare:
+                            _default.discard(base)
+                        if attempt == 3:
+                            raise
         except BaseException:
-            for fd in context[2]:
-                os.close(fd)
+            self._abandon()  # whatever process it had goes to the reaper
             raise
-        self._setup(*context)
+        finally:
+            while opened:  # the template has its own copies (or never will)
+                os.close(opened.pop())
 
     # -- construction ----------------------------------------------------------
 
     @classmethod
-    def _from_channel(cls, chan: FdChannel, origin: str, pid: Optional[int] = None) -> "Template":
+    def _from_channel(
+        cls, chan: Optional[FdChannel], origin: str, pid: Optional[int] = None, pidfd: Optional[int] = None
+    ) -> "Template":
         self = cls.__new__(cls)
-        self._adopt(chan, origin, pid)
+        self._adopt(chan, origin, pid, pidfd)
         return self
 
-    def _adopt(self, chan: FdChannel, origin: str, pid: Optional[int] = None) -> None:
-        self._chan = chan
+    def _adopt(
+        self, chan: Optional[FdChannel], origin: str, pid: Optional[int] = None, pidfd: Optional[int] = None
+    ) -> None:
+        self._chan = None
+        self._pidfd = pidfd
+        if chan is not None:
+            if pid is not None:
+                chan.peer_pid = pid
+            self._own(chan)
         self._origin = origin
-        self._pid = pid  # known once HELLO is read (or at spawn)
-        self._pidfd: Optional[int] = None
         self._lock = threading.RLock()
         self._status = "starting"  # pending, starting, ready, running, closed, broken
+        self._run_sent = False  # a RUN went to its process: abandoned, it is killed
         self._owner = os.getpid()
-        _live.add(self)
         # A fork() is deferred until it is needed ("pending"): its first
         # send_arg/send_fh calls ride along with the FORK command, and a
         # run() fuses with it, so the clone starts the worker at once.
@@ -147,14 +194,7 @@ class Template(Cloning):
         # spare is made").
         self._refill_after_run: Optional[Template] = None
         self._refill_after_exit = False
-
-    def _take_over(self, clone: "Template") -> None:
-        """Take ``clone``'s process (socket, pid, pidfd, state); ``clone`` is left spent."""
-        self._chan, self._pid, self._status = clone._chan, clone._pid, clone._status
-        self._pidfd, clone._pidfd = clone._pidfd, None
-        self._main_ok, self._keep_spare = clone._main_ok, clone._keep_spare
-        clone._status = "closed"
-        _live.discard(clone)
+        _live.add(self)  # last: a template ended at exit is a whole one
 
     @classmethod
     def new_exec(
@@ -175,67 +215,47 @@ class Template(Cloning):
         its directory (default: the caller's).  ``sys_path`` defaults to
         what the new interpreter computes itself, plus this forkserver.
         """
-        chan, pid, pidfd = exec_interpreter(python or sys.executable, dict(os.environ if env is None else env))
-        tpl = cls._from_channel(chan, "Template.new_exec()", pid)
-        tpl._pidfd = pidfd
-        tpl._keep_spare = spare
         ctx: Dict[str, Any] = {"cwd": os.fspath(cwd) if cwd is not None else os.getcwd()}
         if sys_path is not None:
             ctx["sys_path"] = list(sys_path)
         ctx["gc_freeze"] = gc_freeze
-        tpl._setup(ctx)
+        with deferred():
+            tpl = _exec_template(cls, python or sys.executable, env, "Template.new_exec()")
+            try:
+                tpl._keep_spare = spare
+                tpl._setup(ctx)
+            except BaseException:
+                tpl._abandon()
+                raise
         return tpl
 
-    def _setup(self, ctx: Dict[str, Any], fds: Sequence[int] = (), opened: Sequence[int] = ()) -> None:
+    def _setup(self, ctx: Dict[str, Any], fds: Sequence[int] = (), opened: Optional[List[int]] = None) -> None:
         """Send the context; ``opened`` are fds we opened for it and close once sent."""
         try:
             self._send(P.SETUP, P.dumps(ctx), fds)
         finally:
-            for fd in opened:
-                os.close(fd)
+            while opened:
+                os.close(opened.pop())
 
     # -- state -----------------------------------------------------------------
 
     @property
     def pid(self) -> int:
         """The template process's pid (waits for it to greet us if need be)."""
-        with self._lock:
+        with deferred(), self._lock:
             if self._status == "pending":
                 self._materialize()
-            if self._pid is None:
+            if self._status == "starting":
                 self._check_open("pid")
                 self._read_hello()
+            if self._pid is None:
+                self._check_open("pid")
             assert self._pid is not None
             return self._pid
 
     def __repr__(self) -> str:
         pid = f"pid={self._pid} " if self._pid is not None else ""
         return f"<forkserver.Template {pid}{self._status} from {self._origin}>"
-
-    def _check_open(self, what: str) -> None:
-        if self._owner != os.getpid():
-            raise ClosedError(
-                f"{what} on {self!r}: it belongs to process {self._owner}, not to this forked "
-                "copy; create a new Template in this process"
-            )
-        if self._status == "running":
-            raise ClosedError(f"{what} on {self!r}: run() consumed it; fork() before run() to reuse it")
-        if self._status == "closed":
-            raise ClosedError(f"{what} on {self!r}: it was closed; create a new Template")
-        if self._status == "broken":
-            raise BrokenTemplateError(f"{what} on {self!r}: the template process is gone; create a new Template")
-
-    def _broken(self, cause: BaseException, what: str) -> BrokenTemplateError:
-        """Mark the template dead, reap it if we can, and build the error to raise."""
-        self._status = "broken"
-        self._chan.close()
-        self._drop_spare()
-        if self._pid is not None:
-            self._reap(timeout=_CLOSE_GRACE)
-        return BrokenTemplateError(
-            f"{what} on {self!r}: the template process died or closed its socket; "
-            "create a new Template (the default template restarts by itself)"
-        )
 
     # -- wire ------------------------------------------------------------------
 
@@ -252,80 +272,21 @@ class Template(Cloning):
                     self._start_pending_forks()  # they are snapshots of the state before it
                 if self._spare is not None:
                     self._drop_spare()  # it is a copy of the state this command changes
-            try:
-                self._chan.send(kind, payload, fds)
-            except BrokenChannelError as exc:
-                raise self._broken(exc, P.NAMES[kind]) from exc
-
-    def _next_frame(self, what: str, until_hello: bool = False) -> Optional[Frame]:
-        """The next frame after HELLO (None once HELLO is read, with ``until_hello``).
-
-        Raises the remote error for an ERROR frame.
-        """
-        while True:
-            frame = self._step(what)
-            if frame is _WAIT:
-                wait_channel(self._chan, None)
-                continue
-            if frame is _HELLO_READ:
-                if until_hello:
-                    return None
-                continue
-            return frame  # type: ignore[return-value]
-
-    def _step(self, what: str) -> Any:
-        """One non-blocking step of reading a reply: a Frame, _WAIT or _HELLO_READ.
-
-        Shared by the blocking calls here and the coroutines of ``forkserver.aio``.
-        """
-        chan = self._chan
-        try:
-            chan.flush()
-            frame = chan.receive()
-        except (BrokenChannelError, ProtocolError) as exc:
-            raise self._broken(exc, what) from exc
-        if frame is None:
-            return _WAIT
-        if frame.kind == P.HELLO and self._status == "starting":
-            self._hello(frame)
-            return _HELLO_READ
-        if frame.kind == P.ERROR:
-            if self._status == "starting":  # the fork itself failed
-                self._status = "broken"
-                self._chan.close()
-            raise P.decode_error(frame.payload)
-        return frame
-
-    def _hello(self, frame: Frame) -> None:
-        try:
-            version, pid = P.HELLO_FORMAT.unpack(frame.payload)
-        except Exception:
-            version, pid = None, 0
-        if version != P.VERSION:
-            self._status = "broken"
-            self._chan.close()
-            raise ProtocolError(
-                f"{self!r} speaks protocol {version}, we speak {P.VERSION}: "
-                "the template runs another forkserver version; reinstall so both match"
-            )
-        if self._pid is None:
-            self._pid = pid
-        if self._pidfd is None:
-            self._pidfd = open_pidfd(self._pid)
-        self._status = "ready"
-
-    def _read_hello(self) -> None:
-        """Wait for the greeting, unless it was read already."""
-        if self._status != "starting":
-            return
-        frame = self._next_frame("hello", until_hello=True)
-        if frame is not None:
-            raise ProtocolError(f"{self!r}: expected its greeting, got a {P.NAMES.get(frame.kind)} frame")
+            with deferred():  # never half a frame in the socket
+                try:
+                    self._chan.send(kind, payload, fds)
+                except BrokenChannelError as exc:
+                    raise self._broken(exc, P.NAMES[kind]) from exc
+                except BaseException as exc:
+                    if self._chan is not None and self._chan.closed:  # a partial send
+                        self._broken(exc, P.NAMES[kind])
+                    raise
 
     def _call(self, kind: int, payload: bytes) -> Frame:
-        with self._lock:
-            self._send(kind, payload)
-            frame = self._next_frame(P.NAMES[kind])
+        call_id = next(_ids)
+        with deferred(), self._lock:
+            self._send(kind, P.with_call(call_id, payload))
+            frame = self._next_frame(P.NAMES[kind], call_id)
             assert frame is not None
             return frame
 
@@ -352,6 +313,9 @@ class Template(Cloning):
         globals, there for later ``eval`` calls, for forks, for
         ``run("name")`` and for worker code (``from forkserver.template
         import NAME``).  A remote exception is raised here, with its type.
+
+        Interrupted (Ctrl-C), the code still runs to its end in the template;
+        the next call drops its reply.
         """
         if not isinstance(source, str):
             raise TypeError(f"eval(): source must be a str, got {type(source).__name__}")
@@ -364,7 +328,8 @@ class Template(Cloning):
             payload = P.dumps(list(objs))
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
             raise type(exc)(f"send_arg(): {exc}; only picklable objects can be sent") from exc
-        self._send(P.SEND_ARG, payload)
+        with deferred():
+            self._send(P.SEND_ARG, payload)
         return self
 
     def send_fh(self, *handles: Handle) -> "Template":
@@ -375,7 +340,8 @@ class Template(Cloning):
         int).  Returns self.
         """
         described = [P.describe_handle(h) for h in handles]
-        self._send(P.SEND_FH, P.dumps([d for _, d in described]), [fd for fd, _ in described])
+        with deferred():
+            self._send(P.SEND_FH, P.dumps([d for _, d in described]), [fd for fd, _ in described])
         return self
 
     def fork(self) -> "Template":
@@ -386,12 +352,11 @@ class Template(Cloning):
         costs one command and one reply.  If this template keeps a spare
         clone ready (see the class docs), that clone is used.
         """
-        with self._lock:
+        with deferred(), self._lock:
             self._check_open("fork")
             if self._status == "pending":
                 self._materialize()
-            tpl = Template.__new__(Template)
-            tpl._adopt(None, f"{self._origin}.fork()")  # type: ignore[arg-type]
+            tpl = Template._from_channel(None, f"{self._origin}.fork()")
             tpl._status = "pending"
             tpl._base = self
             tpl._main_ok, tpl._keep_spare = self._main_ok, self._keep_spare
@@ -421,50 +386,48 @@ class Template(Cloning):
         SIGKILL (or that signal) when this process exits, even if it is
         killed; by default workers outlive their parent.  ``kill_on_exit=True``
         SIGKILLs and reaps the worker when this interpreter exits normally.
+
+        Interrupted (Ctrl-C) before it returns, ``run`` leaves no worker
+        running that you could not reach: the process it started (or that
+        was about to start the target) is SIGKILLed and reaped, and the
+        template is consumed, as after a run.
         """
-        with self._lock:
+        run = self._run_spec(target, die_with_parent)
+        call_id = next(_ids)
+        with deferred(), self._lock:
             child = None
+            refilled = False
             try:
-                target_names = self._start_run(target, die_with_parent)
-                child = self._finish_run(self._next_frame("run"), target_names, check, timeout)
-            finally:
+                self._start_run(run, call_id)
+                frame = self._next_frame("run", call_id)
+                child = self._finish_run(frame, f"{run[0]}:{run[1]}", check, timeout)
+                if kill_on_exit:
+                    _kill_on_exit.add(child)
+                refilled = True
                 self._refill_base(child)
-        if kill_on_exit:
-            _kill_on_exit.add(child)
+            except BaseException:
+                self._run_interrupted(child)
+                if not refilled:
+                    self._refill_base(None)
+                raise
+            self._child = None  # it is the caller's now
         return child
-
-    def _start_run(self, target: Target, die_with_parent: Union[bool, int]) -> str:
-        """Send the run (fused with a deferred fork when there is one); lock held."""
-        if die_with_parent is True:
-            die_with_parent = int(signal.SIGKILL)
-        opts = {"die_with_parent": int(die_with_parent), "parent": os.getpid()} if die_with_parent else {}
-        module, qualname = P.split_target(target, main_ok=self._main_ok)
-        if self._status == "pending":
-            self._check_open("run")
-            self._materialize(run=(module, qualname, opts))
-        else:
-            self._send(P.RUN, P.dumps((module, qualname, opts)))
-        return f"{module}:{qualname}"
-
-    def _finish_run(self, frame: Any, target: str, check: bool, timeout: Optional[float]) -> Child:
-        """Turn the RUNNING reply into a Child; lock held."""
-        if frame is None or frame.kind != P.RUNNING:
-            kind = P.NAMES.get(frame.kind) if frame is not None else None
-            raise ProtocolError(f"{self!r}: expected the run acknowledgement, got {kind}")
-        if self._pid is None:  # a fused fork and run: the pid comes with the reply
-            self._pid = P.HELLO_FORMAT.unpack(frame.payload)[1]
-            self._pidfd = open_pidfd(self._pid, gone_ok=True)  # SIGCHLD=SIG_IGN: may be gone
-        self._status = "running"
-        control = self._chan.sock  # the channel read exactly up to RUNNING
-        pidfd, self._pidfd = self._pidfd, None
-        return Child(self._pid, control, target, pidfd, check=check, exit_timeout=timeout)
 
     # -- closing -----------------------------------------------------------------
 
     def close(self) -> None:
-        """Discard the template: its process exits and is reaped. Idempotent."""
-        with self._lock:
-            if self._status in ("closed", "running") or self._owner != os.getpid():
+        """Discard the template: its process exits and is reaped. Idempotent.
+
+        Interrupted (Ctrl-C) while it waits for the exit, the template is
+        closed all the same: the reaper thread SIGKILLs the process after
+        the rest of the grace period and reaps it.
+        """
+        with deferred(), self._lock:
+            if self._status == "running" or self._owner != os.getpid():
+                return
+            if self._status == "closed":
+                if self._chan is not None or self._pidfd is not None:
+                    self._hand_over(kill_after=_CLOSE_GRACE)  # an earlier close was cut short
                 return
             spare, self._spare = self._spare, None
             if spare is not None:
@@ -472,52 +435,19 @@ class Template(Cloning):
             if self._status == "pending":  # never created: nothing to end
                 if self._base is not None:
                     self._base._pending.discard(self)
-                for _, _, dups in self._prelude:
-                    for fd in dups:
-                        os.close(fd)
-                self._prelude = []
                 self._status = "closed"
+                self._close_prelude()
                 return
-            if self._status == "starting":
-                self._give_up()
-                try:
-                    self._read_hello()
-                except Exception:
-                    pass  # it failed to start or died: nothing to wait for but the reap
-            self._status = "closed"
-            if self._chan is None:  # its fork failed: no process was made
-                return
-            self._chan.close()  # EOF: the template's loop ends
-            self._reap(_CLOSE_GRACE)
-
-    def _give_up(self) -> None:
-        """Tell a template whose greeting we have not read that we send nothing more.
-
-        A spare asked for "after" a worker may not exist yet: its template
-        is waiting, and sees this EOF on the new socket instead of making a
-        clone nobody wants (see _server/_fork.py, ``_still_wanted``).  A
-        template that exists reads the commands sent so far, then the EOF.
-        """
-        try:
-            self._chan.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # already gone: the greeting read that follows says so
-
-    def _reap(self, timeout: float) -> None:
-        if self._pid is None or self._pidfd is None:
-            return
-        try:
-            if reap(self._pid, self._pidfd, timeout) is None:
-                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-                reap(self._pid, self._pidfd, None)
-        except ReapedElsewhere:
-            pass  # a waitpid(-1) of the caller's got there first: gone all the same
-        self._close_pidfd()
+            status, self._status = self._status, "closed"
+            try:
+                self._end_process(waited=status == "starting")
+            except BaseException:
+                self._hand_over(kill_after=_CLOSE_GRACE)
+                raise
 
     def _close_pidfd(self) -> None:
         if self._pidfd is not None:
-            os.close(self._pidfd)
-            self._pidfd = None
+            self._pidfd = os.close(self._pidfd)
 
     def __del__(self) -> None:
         # Dropped without close(): end the process and let the reaper wait for it.
@@ -527,26 +457,6 @@ class Template(Cloning):
         except Exception:
             pass  # interpreter shutdown: the kernel reparents what is left
 
-    def _abandon(self) -> None:
-        """End the process without waiting for it: the reaper thread reaps it."""
-        status, self._status = self._status, "closed"
-        self._drop_spare()
-        if status == "pending":
-            for _, _, dups in self._prelude:
-                for fd in dups:
-                    os.close(fd)
-            self._prelude = []
-        elif status in ("starting", "ready") and not self._chan.closed:
-            from ._reaper import reaper
-
-            if self._pid is None:
-                self._give_up()
-                reaper.adopt_greeting(self._chan)  # it reads the pid, then closes
-                return
-            self._chan.close()
-            pidfd, self._pidfd = self._pidfd, None
-            reaper.adopt(self._pid, pidfd)
-
     def __enter__(self) -> "Template":
         return self
 
@@ -554,8 +464,18 @@ class Template(Cloning):
         self.close()
 
 
+def _exec_template(cls: Any, python: str, env: Optional[Mapping[str, str]], origin: str) -> Template:
+    """A template object owning a freshly exec'd interpreter (see ``_boot``)."""
+    tpl = cls._from_channel(None, origin)
+    try:
+        exec_interpreter(python, dict(os.environ if env is None else env), tpl)
+    except BaseException:
+        tpl._abandon()  # a process made before the error goes to the reaper
+        raise
+    return tpl
+
+
 _live: "weakref.WeakSet[Template]" = weakref.WeakSet()  # templates to end at exit
-_kill_on_exit: "weakref.WeakSet[Child]" = weakref.WeakSet()
 
 
 def default_template() -> Template:
@@ -564,10 +484,7 @@ def default_template() -> Template:
 
 
 def _start_default() -> Template:
-    chan, pid, pidfd = exec_interpreter(sys.executable, dict(os.environ))
-    tpl = Template._from_channel(chan, "the default template", pid)
-    tpl._pidfd = pidfd
-    return tpl
+    return _exec_template(Template, sys.executable, None, "the default template")
 
 
 def early() -> None:

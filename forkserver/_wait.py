@@ -118,6 +118,34 @@ def reaped(pid: int) -> bool:
         return True
 
 
+def reap_pidfd(pidfd: int) -> Optional[int]:
+    """``waitid(P_PIDFD, WNOHANG)``: reap exactly the process ``pidfd`` names.
+
+    The returncode if it has exited (reaped now), else None.  Raises
+    ``ReapedElsewhere`` if it is no longer a child of ours to reap.  Unlike a
+    ``waitpid`` by number, this can never reap another process that reuses
+    the pid, whoever reaped the first one.
+    """
+    try:
+        info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
+    except ChildProcessError:
+        raise ReapedElsewhere(f"the process of pidfd {pidfd} was reaped already") from None
+    if info is None:
+        return None
+    if info.si_code == os.CLD_EXITED:
+        return info.si_status
+    return -info.si_status  # killed (or dumped core) by that signal
+
+
+def is_our_child(pidfd: int) -> bool:
+    """Whether ``pidfd`` names an unreaped child of ours (nothing is reaped)."""
+    try:
+        os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True
+
+
 def reap_now(pid: int) -> Optional[int]:
     """``waitpid(WNOHANG)``: the returncode if ``pid`` has exited, else None."""
     while True:

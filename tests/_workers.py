@@ -200,3 +200,37 @@ def namespace_get(control, *names):
 def module_names(control):
     """Send back the names of the modules loaded in the worker."""
     send_obj(control, sorted(sys.modules))
+
+
+def report_fd_table(control, *args):
+    """Send back ``TABLE``, what an ``eval`` in the template measured of its fd table."""
+    send_obj(control, globals().get("TABLE"))
+
+
+def interrupt_parent_then_sleep(seconds):
+    """Unpickled in a template (``send_arg(InterruptWhenLoaded(s))``): Ctrl-C the test, stay busy."""
+    import time
+
+    os.kill(int(os.environ.get("FORKSERVER_TEST_PARENT", os.getppid())), signal.SIGINT)
+    time.sleep(seconds)
+
+
+class InterruptWhenLoaded:
+    """A value whose unpickling in a template sends SIGINT to the test process, then takes a while."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def __reduce__(self):
+        return (interrupt_parent_then_sleep, (self.seconds,))
+
+
+def refuse_to_load():
+    raise RuntimeError("this pickle refuses to load")
+
+
+class RaisesOnLoad:
+    """Pickles fine; unpickling it (in a template) raises RuntimeError."""
+
+    def __reduce__(self):
+        return (refuse_to_load, ())

@@ -14,11 +14,11 @@ def open_fds() -> Set[int]:
     Those are the sentinel reserve and the shared default template's (and its
     spare clone's) socket and pidfd: they live as long as the process, by design.
     """
-    from forkserver import _fds, _reaper
+    from forkserver import _fds, _reaper, _slots
 
     fds = {int(name) for name in os.listdir("/proc/self/fd")}
     fds = {fd for fd in fds if _is_open(fd)}  # drops listdir's own, now closed, fd
-    standing = set(_fds._reserve.held()) | _reaper.reaper.standing_fds()
+    standing = set(_fds._reserve.held()) | _reaper.reaper.standing_fds() | _slots.region.standing_fds()
     for tpl in _standing_templates():
         standing |= {tpl._chan.fileno(), tpl._pidfd}
     return fds - standing

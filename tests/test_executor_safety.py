@@ -1,7 +1,7 @@
 """forkserver.Executor stays consistent under Ctrl-C, threads, callbacks, forks and deaths.
 
 A KeyboardInterrupt is injected at every line of our code that ``submit``
-and ``shutdown`` execute (tests/_inject.py); interpreter exit, a SIGKILLed
+and ``shutdown`` execute (tests/_ctrl_c_at.py); interpreter exit, a SIGKILLed
 parent and Ctrl-C reaching the workers run in real subprocesses.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from forkserver._pool import _loop
 
 from . import _executor_tasks as T
 from ._helpers import run_in_child, wait_exitcode
-from ._inject import ctrl_c_at
+from ._ctrl_c_at import ctrl_c_at
 
 WAIT = 30
 PACKAGE = os.path.dirname(os.path.abspath(forkserver.__file__))

@@ -23,10 +23,12 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "forkserver"
 # (layer, module-name prefixes), lowest first.  A module's layer is that of
 # its longest matching prefix.
 LAYERS = [
-    ("wire", ["forkserver._errors", "forkserver._protocol", "forkserver._fds", "forkserver._fdpass"]),
+    ("wire", ["forkserver._errors", "forkserver._protocol", "forkserver._fds", "forkserver._fdpass",
+              "forkserver._slots", "forkserver._sibling"]),
     ("template side", ["forkserver._server"]),
     ("processes", [
         "forkserver._boot", "forkserver._context", "forkserver._default", "forkserver._wait",
+        "forkserver._interrupts", "forkserver._link", "forkserver._running",
         "forkserver._reaper", "forkserver._process", "forkserver._cloning", "forkserver._template",
         "forkserver._async",
     ]),

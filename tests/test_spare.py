@@ -179,7 +179,7 @@ def test_closing_a_template_whose_next_spare_waits_for_a_running_worker_ends_at_
 def test_when_forks_come_faster_than_spares_the_next_is_made_while_the_worker_runs(monkeypatch):
     from forkserver import _cloning
 
-    monkeypatch.setattr(_cloning, "wait_readable", lambda fd, timeout: False)  # never greeted yet
+    monkeypatch.setattr(_cloning, "_greeted", lambda tpl: False)  # never greeted yet
     with Template().require(W) as tpl:
         spare = _ready_spare(tpl, read_greeting=False)
         child = tpl.fork().run(f"{W}:wait_for_eof")

@@ -15,7 +15,8 @@ import time
 from collections import deque
 from typing import Any, Deque, List, Optional
 
-from .._template import _HELLO_READ, _WAIT, Template
+from .._interrupts import deferred
+from .._template import _AGAIN, _WAIT, Template, _ids
 from .._wait import ReapedElsewhere, reap_now
 from . import _executor_worker as W
 
@@ -51,8 +52,11 @@ class Start:
         clone = template.fork().send_arg(config)
         self.clone = clone
         self.deadline = deadline  # a template that does not answer by then is given up
-        with clone._lock:
-            self.target = clone._start_run(TARGET, False)
+        self.spec = clone._run_spec(TARGET, False)
+        self.target = f"{self.spec[0]}:{self.spec[1]}"
+        self.call_id = next(_ids)  # the reply to wait for (replies carry call ids)
+        with deferred(), clone._lock:
+            clone._start_run(self.spec, self.call_id)
 
     def fileno(self) -> int:
         return self.clone._chan.fileno()
@@ -61,28 +65,40 @@ class Start:
         return self.clone._chan.pending_output
 
     def step(self) -> Optional["Worker"]:
-        """Read what the socket has; the Worker once it runs (raises the fork's error)."""
+        """Read what the socket has; the Worker once it runs (raises the fork's error).
+
+        As ``Template.run``: an error or a Ctrl-C before the Worker exists
+        SIGKILLs (and hands to the reaper) whatever process the run started.
+        """
         clone = self.clone
-        with clone._lock:
+        with deferred(), clone._lock:
+            child = None
+            refilled = False
             try:
-                frame = clone._step("run")
-                while frame is _HELLO_READ:  # a clone's greeting comes before the reply
-                    frame = clone._step("run")
+                frame = clone._step("run", self.call_id)
+                while frame is _AGAIN:  # a greeting, or a stale reply
+                    frame = clone._step("run", self.call_id)
                 if frame is _WAIT:
                     return None
                 child = clone._finish_run(frame, self.target, False, None)
+                refilled = True
+                clone._refill_base(child)  # the template makes its next spare clone
+                # ours to poll and reap: the Child is a shell (one statement)
+                worker, child._pidfd = Worker(child.pid, child.control, child._pidfd), None
+                clone._child = None
+                return worker
             except BaseException:
-                clone._refill_base(None)
+                clone._run_interrupted(child)
+                if not refilled:
+                    clone._refill_base(None)
                 raise
-            clone._refill_base(child)  # the template makes its next spare clone
-        pidfd, child._pidfd = child._pidfd, None  # ours to poll and reap: the Child is a shell
-        return Worker(child.pid, child.control, pidfd)
 
     def abandon(self) -> None:
         """Give up the fork: the process (if any) exits and the reaper reaps it."""
         clone = self.clone
-        with clone._lock:
+        with deferred(), clone._lock:
             if clone._status in ("starting", "ready"):
+                clone._run_interrupted(None)
                 clone._abandon()
             clone._refill_base(None)
 

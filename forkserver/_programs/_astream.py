@@ -7,12 +7,12 @@ awaited with ``loop.add_reader``/``add_writer``; no threads.
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 from typing import Any, List, Optional, Tuple
 
 from .._async import AsyncChild, _any_ready, _fd_ready
 from .._errors import BrokenTemplateError, CalledProcessError
+from .._interrupts import deferred
 from .._process import Child
 from .._template import Template, default_template
 from . import _spawn
@@ -23,29 +23,32 @@ __all__ = ["AsyncStream", "spawn", "stream"]
 
 async def spawn(argv: Any, *, template: Optional[Template] = None, **kwargs: Any) -> AsyncChild:
     """``forkserver.spawn`` without blocking the loop on the template's reply."""
-    plan = _spawn.prepare(argv, **kwargs)
+    plan = reply = None
+    tpl = template
     try:
-        tpl = default_template() if template is None else template
-        try:
-            r = _spawn.send(tpl, plan)
-        except BrokenTemplateError:  # it had died; nothing reached it
-            if template is not None:
-                raise
-            tpl = default_template()
-            r = _spawn.send(tpl, plan)
-        for fd in plan.close_after_send:
-            os.close(fd)
-        plan.close_after_send = []
-        try:
-            await _fd_ready(r)  # then the whole reply follows at once
-        except BaseException:
-            _spawn.abandon(tpl, r)  # cancelled: end what it started
-            os.close(r)
-            raise
-        kind, payload = _spawn.read_reply(tpl, r)
-        return AsyncChild(_spawn.finish(plan, kind, payload))
+        with deferred():  # Ctrl-C: between the steps, not inside one
+            plan = _spawn.prepare(argv, **kwargs)
+            if tpl is None:
+                tpl = default_template()
+            try:
+                reply = _spawn.send(tpl, plan)
+            except BrokenTemplateError:  # it had died; nothing reached it
+                if template is not None:
+                    raise
+                tpl = default_template()
+                reply = _spawn.send(tpl, plan)
+        await _fd_ready(reply.fileno())  # the pid, then the whole reply follows at once
+        with deferred():
+            frame = _spawn.read_reply(tpl, reply)
+            _spawn.close_sent(plan)
+            return AsyncChild(_spawn.finish(plan, frame, reply))
+    except BaseException:
+        if reply is not None:
+            _spawn.abandon(tpl, reply)  # cancelled: what it started is killed and reaped
+        raise
     finally:
-        plan.discard()
+        if plan is not None:
+            plan.discard()
 
 
 class AsyncStream:

@@ -13,6 +13,14 @@ exception carries the output read so far (bytes, as ``Popen``'s does).
 In text mode (``spawn(text=True)``, an ``encoding``...) ``input`` is a
 ``str``, encoded with the child's codec, and the output is decoded with it,
 newlines translated (``\\r\\n`` and ``\\r`` become ``\\n``), as ``Popen`` does.
+
+It survives a ``KeyboardInterrupt`` the same way: each read is stored, and
+each write counted, with Ctrl-C deferred between the syscall and the
+statement that records it (``_interrupts``), so the interrupt comes in the
+``poll`` wait or between two steps, and a second ``communicate()`` returns
+every byte exactly once.  The second call may pass the same input object
+again (so ``communicate(data)`` can simply be retried): what was written
+already is not written twice.
 """
 
 from __future__ import annotations
@@ -23,13 +31,16 @@ import subprocess
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
+from .._interrupts import deferred
+
 _PIPE_BUF = select.PIPE_BUF
 _READ = 32768
 _DRAIN_STEPS = 64  # x _READ = 2 MiB
 
 
 class _State:
-    def __init__(self, child: Any, data: Optional[bytes]) -> None:
+    def __init__(self, child: Any, data: Optional[bytes], given: Any = None) -> None:
+        self.input = given  # as given: a later call may pass the same object again
         self.view = memoryview(data or b"").cast("B")
         self.offset = 0
         self.fds = [
@@ -73,15 +84,20 @@ class _State:
         ms = None if timeout is None else int(timeout * 1000) + 1 if timeout > 0 else 0
         ready = poller.poll(ms)
         for fd, _ in ready:
-            if self.stdin is not None and fd == self.stdin.fileno():
-                self._write()
-            elif fd in self.streams:
-                data = os.read(fd, _READ)
-                if data:
-                    self.chunks[fd].append(data)
-                else:
-                    self.streams.pop(fd).close()
+            with deferred():  # the read and its record, or neither
+                if self.stdin is not None and fd == self.stdin.fileno():
+                    self._write()
+                elif fd in self.streams:
+                    self._read(fd)
         return bool(ready)
+
+    def _read(self, fd: int) -> None:
+        """One read from ``fd``, kept; at EOF the stream is closed.  Call with Ctrl-C deferred."""
+        chunks = self.chunks[fd]
+        chunks.append(os.read(fd, _READ))  # read and kept in one statement
+        if not chunks[-1]:  # EOF
+            chunks.pop()
+            self.streams.pop(fd).close()
 
     def _write(self) -> None:
         piece = self.view[self.offset : self.offset + _PIPE_BUF]
@@ -147,13 +163,14 @@ def communicate(
                 f"communicate() on {child!r}: input given but stdin is not a pipe; "
                 "spawn with stdin=PIPE"
             )
-        state = child._comm = _State(child, _input_bytes(child, data))
+        state = child._comm = _State(child, _input_bytes(child, data), data)
     else:
-        if data:
-            raise ValueError(
-                f"communicate() on {child!r}: input can only be given on the first call"
-            )
         state = child._comm
+        if data and data is not state.input:
+            raise ValueError(
+                f"communicate() on {child!r}: input can only be given on the first call "
+                "(or the same object again, after an interruption: it is not written twice)"
+            )
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         while state.pending:

@@ -23,10 +23,14 @@ from typing import IO, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Unio
 from .. import _protocol as P
 from .._default import _default
 from .._errors import BrokenChannelError, BrokenTemplateError, CalledProcessError, ProtocolError  # noqa: F401 - re-exported
-from .._fds import HEADER, STAGE_CWD, STAGE_EXEC, STAGE_FDS, STAGE_SESSION
+from .._fds import FdChannel, Frame, socketpair
+from .._interrupts import allowed, deferred
 from .._process import Child
+from .._reaper import reaper
+from .._sibling import STAGE_CWD, STAGE_EXEC, STAGE_FDS, STAGE_SESSION
+from .._slots import region, settle
 from .._template import Template, default_template
-from .._wait import open_pidfd
+from .._wait import wait_readable
 from ._communicate import communicate
 
 __all__ = ["CalledProcessError", "spawn"]
@@ -77,11 +81,14 @@ class _Plan:
         ]  # parent ends of stdin/stdout/stderr pipes
 
     def discard(self) -> None:
-        """Close every fd the plan opened (after a failure)."""
-        for fd in self.close_after_send + [fd for fd in self.ours if fd is not None]:
-            os.close(fd)
-        self.close_after_send = []
-        self.ours = [None, None, None]
+        """Close every fd the plan still owns (after a failure), each exactly once."""
+        fds = self.close_after_send
+        while fds:
+            os.close(fds.pop())
+        for i, fd in enumerate(self.ours):
+            if fd is not None:
+                self.ours[i] = os.close(fd)  # os.close returns None: closed and forgotten at once
+
 
 
 def _encode_argv(argv: Argv) -> Tuple[List[Any], List[bytes]]:
@@ -280,14 +287,15 @@ def prepare(
                     continue
                 fd_map.append((slot(target), target))
             elif handle == PIPE:
-                r, w = os.pipe2(os.O_CLOEXEC)
-                theirs, plan.ours[target] = (r, w) if target == 0 else (w, r)
-                plan.close_after_send.append(theirs)
+                plan.close_after_send.extend(os.pipe2(os.O_CLOEXEC))  # both ends owned at once
+                # ours (stdin's write end, an output's read end) moves in one statement
+                plan.ours[target] = plan.close_after_send.pop(-1 if target == 0 else -2)
+                theirs = plan.close_after_send[-1]
                 fd_map.append((slot(theirs), target))
             elif handle == DEVNULL:
                 if devnull < 0:
-                    devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-                    plan.close_after_send.append(devnull)
+                    plan.close_after_send.append(os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC))
+                    devnull = plan.close_after_send[-1]
                 fd_map.append((slot(devnull), target))
             elif handle == STDOUT and target == 2:
                 fd_map.append((fd_map[1][0], 2))
@@ -307,45 +315,67 @@ def prepare(
 
 
 # -- talking to the template ------------------------------------------------------
+#
+# Interruptions.  The reply comes on a socket of its own (an ``FdChannel``):
+# first the program's pid, written by the program's process itself before
+# anything else (``_fds.spawn_sibling``), then the template's SPAWNED or
+# ERROR frame.  Reading it can be interrupted anywhere and resumed.  A spawn
+# that will not return its ``Child`` -- Ctrl-C, a cancelled coroutine, any
+# error after the command was sent -- hands the reply channel to the reaper
+# thread as *doomed*: the program is SIGKILLed as soon as its pid is known,
+# and reaped; the call does not wait for it.  So no program is left running
+# that nobody can reach, and a zombie never stays.
 
 
-def send(tpl: Any, plan: _Plan) -> int:
-    """Send the SPAWN command to ``tpl``; returns the read end of the reply pipe."""
-    r, w = os.pipe2(os.O_CLOEXEC)
+def send(tpl: Any, plan: _Plan) -> FdChannel:
+    """Send the SPAWN command to ``tpl``; returns the channel its reply comes on.
+
+    Once this returns, the channel must be read to its end or handed to the
+    reaper (``abandon``): a program may exist.
+    """
+    ours, theirs = socketpair()
+    reply = None
     try:
+        ours.setblocking(False)
+        reply = FdChannel(ours)
+        reply.slot = region.take()  # the kernel writes the program's pid there (see _slots)
         with tpl._lock:
-            tpl._send(P.SPAWN, plan.payload, [w, *plan.send])
-            tpl._drain("spawn")  # the template must get all of it before we wait on the pipe
+            tpl._send(P.SPAWN, P.with_slot(reply.slot, plan.payload), [theirs, *plan.send])
+            tpl._drain("spawn")  # the template must get all of it before we wait
+        theirs.close()
+        return reply
     except BaseException:
-        os.close(r)
+        if reply is None:
+            ours.close()
+        else:
+            abandon(tpl, reply)  # if nothing reached the template, EOF ends it at once
+        theirs.close()
         raise
-    finally:
-        os.close(w)
-    return r
 
 
-def read_reply(tpl: Any, r: int, close: bool = True) -> Tuple[int, bytes]:
-    """Read the reply frame from the pipe (blocking); closes ``r`` unless told not to."""
-    try:
-        data = b""
-        need = HEADER.size
-        while len(data) < need:
-            chunk = os.read(r, need - len(data))
-            if not chunk:
-                break
-            data += chunk
-            if len(data) == HEADER.size:
-                need += HEADER.unpack_from(data)[0]
-    finally:
-        if close:
-            os.close(r)
-    if len(data) < need:
-        _template_died(tpl)
-    length, _, kind = HEADER.unpack_from(data)
-    return kind, data[HEADER.size : HEADER.size + length]
+def read_reply(tpl: Any, reply: FdChannel) -> Frame:
+    """Wait for the SPAWNED (or ERROR) frame; the channel is closed once it came."""
+    while True:
+        try:
+            frame = reply.receive()
+        except (BrokenChannelError, ProtocolError):
+            settle(reply, ended=True)  # killed before it spoke: the slot has its pid
+            frame = None
+        else:
+            settle(reply, ended=False)
+            if frame is None:
+                with allowed():
+                    wait_readable(reply.fileno(), None)
+                continue
+        if frame is None or frame.kind not in (P.SPAWNED, P.ERROR):
+            _template_died(tpl, reply)  # raises
+        reply.close()
+        return frame
 
 
-def _template_died(tpl: Any) -> None:
+def _template_died(tpl: Any, reply: FdChannel) -> None:
+    """No reply: the template died.  Kill and reap what it started, raise BrokenTemplateError."""
+    abandon(tpl, reply)
     with tpl._lock:
         if tpl._status not in ("broken", "closed"):
             err = tpl._broken(BrokenChannelError("no reply to spawn"), "spawn")
@@ -355,29 +385,50 @@ def _template_died(tpl: Any) -> None:
     raise err
 
 
-def finish(plan: _Plan, kind: int, payload: bytes) -> Child:
+def finish(plan: _Plan, frame: Frame, reply: FdChannel) -> Child:
     """Turn the reply into a ``Child`` (or raise the program's exec error)."""
-    if kind == P.ERROR:
-        raise P.decode_error(payload)
-    if kind != P.SPAWNED:
-        raise ProtocolError(f"spawn: expected a spawned reply, got {P.NAMES.get(kind, kind)}")
-    pid, err, stage = P.SPAWNED_FORMAT.unpack(payload)
+    if frame.kind == P.ERROR:
+        raise P.decode_error(frame.payload)
+    pid, err, stage = P.SPAWNED_FORMAT.unpack(frame.payload)
     if err:
-        try:
-            os.waitpid(pid, 0)  # it exited 127 right after failing; it is our child
-        except ChildProcessError:
-            pass  # SIGCHLD is SIG_IGN here: the kernel reaped it already
+        reaper.adopt(pid)  # it exited 127 right after failing; it is our child
         raise _exec_error(plan, err, stage)
-    pidfd = open_pidfd(pid, gone_ok=True)  # a fast program under SIGCHLD=SIG_IGN is gone already
-    files = _open_pipes(plan)
-    child = Child(
-        pid, None, pidfd=pidfd, args=plan.args, stdin=files[0], stdout=files[1], stderr=files[2]
-    )
-    if plan.text is not None:
-        child.text_mode = True
-        child.encoding, child.errors = plan.text[0], plan.text[1]
-    child._communicate = communicate
-    return child
+    child = None
+    try:
+        files = _open_pipes(plan)
+        # The Child opens its pidfd (none if SIGCHLD=SIG_IGN reaped a fast program already):
+        # from the statement that makes it, it owns the process.
+        child = Child(pid, None, args=plan.args, stdin=files[0], stdout=files[1], stderr=files[2])
+        if plan.text is not None:
+            child.text_mode = True
+            child.encoding, child.errors = plan.text[0], plan.text[1]
+        child._communicate = communicate
+        return child
+    except BaseException:
+        if child is None:
+            _kill(pid)
+        else:
+            _lose(child)
+        raise
+
+
+def _kill(pid: int) -> None:
+    """A program the caller will not get (and no Child owns): SIGKILL it, let the reaper reap it."""
+    try:
+        os.kill(pid, signal.SIGKILL)  # still our unreaped child: the pid cannot be reused
+    finally:
+        reaper.adopt(pid)
+
+
+def _lose(child: Child) -> None:
+    """A Child the caller will not get: SIGKILL it, let the reaper reap it."""
+    try:
+        child.kill()
+    finally:
+        with deferred():
+            if child._pidfd is not None:
+                child._pidfd = reaper.adopt(child.pid, child._pidfd)  # handed over and forgotten at once
+        child.close()
 
 
 def _open_pipes(plan: _Plan) -> List[Any]:
@@ -387,8 +438,9 @@ def _open_pipes(plan: _Plan) -> List[Any]:
         if fd is None:
             files.append(None)
             continue
-        f: Any = open(fd, "wb" if i == 0 else "rb", plan.bufsize)
-        plan.ours[i] = None  # owned by the file object now
+        f: Any
+        # one statement: the file object owns the fd, the plan forgets it
+        f, plan.ours[i] = open(fd, "wb" if i == 0 else "rb", plan.bufsize), None
         if plan.text is not None:
             encoding, errors, line_buffering = plan.text
             if i == 0:
@@ -416,48 +468,53 @@ def spawn_from(tpl: Any, plan: _Plan, retry_default: bool = False) -> Child:
     """Send the plan to ``tpl``, wait for the program to start; closes the plan's fds.
 
     ``retry_default``: ``tpl`` is the default template; if it turns out dead
-    before anything reached it, start a new one and send once more.
+    before it started anything, start a new one and send once more.
     """
-    try:
+    with deferred():
+        reply = None
         try:
-            r = send(tpl, plan)
-        except BrokenTemplateError:
-            if not retry_default:
-                raise
-            tpl = default_template()
-            r = send(tpl, plan)
-        for fd in plan.close_after_send:  # the template has its own copies now
-            os.close(fd)
-        plan.close_after_send = []
-        kind, payload = _reply_or_cleanup(tpl, r)
-        return finish(plan, kind, payload)
-    finally:
-        plan.discard()
+            for attempt in (1, 2):
+                tpl, reply = _send_retrying(tpl, plan, retry_default)
+                try:
+                    frame = read_reply(tpl, reply)
+                except BrokenTemplateError:  # read_reply handed the reply over already
+                    if attempt == 2 or not retry_default or reply.peer_pid is not None:
+                        raise
+                    # It died before it started anything: once more, on a new default template.
+                    tpl = default_template()
+                    continue
+                close_sent(plan)  # the program has its own copies now
+                return finish(plan, frame, reply)
+            raise AssertionError("unreachable")
+        except BaseException:
+            if reply is not None:
+                abandon(tpl, reply)  # Ctrl-C: what it started is killed and reaped
+            raise
+        finally:
+            plan.discard()
 
 
-def _reply_or_cleanup(tpl: Any, r: int) -> Tuple[int, bytes]:
-    """``read_reply``; if interrupted (Ctrl-C), still read it and end the program it names."""
+def _send_retrying(tpl: Any, plan: _Plan, retry_default: bool) -> Tuple[Any, FdChannel]:
     try:
-        return read_reply(tpl, r, close=False)
-    except (KeyboardInterrupt, SystemExit):
-        abandon(tpl, r)
-        raise
-    finally:
-        os.close(r)
+        return tpl, send(tpl, plan)
+    except BrokenTemplateError:
+        if not retry_default:
+            raise
+        tpl = default_template()  # it had died: nothing reached it
+        return tpl, send(tpl, plan)
 
 
-def abandon(tpl: Any, r: int) -> None:
-    """The caller gave up waiting (Ctrl-C, cancelled): read the reply anyway and
-    kill and reap the program it names, so no process or zombie is left over."""
-    try:
-        kind, payload = read_reply(tpl, r, close=False)
-        if kind == P.SPAWNED:
-            pid, err, _ = P.SPAWNED_FORMAT.unpack(payload)
-            if not err:
-                os.kill(pid, signal.SIGKILL)  # still our unreaped child: the pid cannot be reused
-            os.waitpid(pid, 0)
-    except BaseException:
-        pass
+def close_sent(plan: _Plan) -> None:
+    """Close our copies of the fds the template now has, each in the statement that forgets it."""
+    fds = plan.close_after_send
+    while fds:
+        os.close(fds.pop())
+
+
+def abandon(tpl: Any, reply: FdChannel) -> None:
+    """The caller gave up on a spawn (Ctrl-C, cancelled, an error): the reaper thread
+    reads the reply channel, kills the program it names and reaps it.  Never blocks."""
+    reaper.adopt_channel(reply, doomed=True)
 
 
 def spawn(
@@ -504,11 +561,15 @@ def spawn(
     environment, directory and stdio unless overridden -- the template only
     provides the cheap process creation.
     """
-    plan = prepare(
-        argv, stdin, stdout, stderr, env, cwd, pass_fds, start_new_session, process_group,
-        executable=executable, bufsize=bufsize, text=text,
-        universal_newlines=universal_newlines, encoding=encoding, errors=errors,
-    )
-    if template is not None:
-        return spawn_from(template, plan)
-    return spawn_from(default_template(), plan, retry_default=True)
+    with deferred():
+        plan = prepare(
+            argv, stdin, stdout, stderr, env, cwd, pass_fds, start_new_session, process_group,
+            executable=executable, bufsize=bufsize, text=text,
+            universal_newlines=universal_newlines, encoding=encoding, errors=errors,
+        )
+        try:
+            tpl = default_template() if template is None else template
+        except BaseException:
+            plan.discard()
+            raise
+        return spawn_from(tpl, plan, retry_default=template is None)

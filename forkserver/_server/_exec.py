@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import fcntl
 import os
-from typing import List, Set
+from typing import Any, List, Set
 
 from .. import _protocol as P
-from .._fds import HEADER, spawn_sibling
+from .._fds import HEADER, ffi
+from .._sibling import spawn_sibling
+from .._slots import region
 
 
 def do_spawn(state, frame) -> None:
@@ -28,7 +30,10 @@ def do_spawn(state, frame) -> None:
             kind, payload = P.ERROR, state.broken
         else:
             try:
-                kind, payload = P.SPAWNED, _spawn(P.loads(frame.payload), fds)
+                slot, spec = P.split_slot(frame.payload)
+                ptid = region.address(slot)  # the pid goes there; without one, on the reply socket
+                announce = -1 if ptid != ffi.NULL else reply
+                kind, payload = P.SPAWNED, _spawn(P.loads(spec), fds, announce, ptid)
             except BaseException as exc:
                 kind, payload = P.ERROR, P.encode_error(exc, "spawn()")
         _write_all(reply, HEADER.pack(len(payload), 0, kind) + payload)
@@ -40,7 +45,7 @@ def do_spawn(state, frame) -> None:
         os.close(reply)
 
 
-def _spawn(spec: tuple, fds: list) -> bytes:
+def _spawn(spec: tuple, fds: list, reply: int = -1, ptid: Any = ffi.NULL) -> bytes:
     strings, counts, cwd, fd_map, keep, new_session, pgid, dfl_sigs = spec
     targets = {target for _, target in fd_map}
     moved: List[int] = []
@@ -52,7 +57,7 @@ def _spawn(spec: tuple, fds: list) -> bytes:
                 src = _off_targets(src, targets, moved)
             mapped.append((src, target))
         pid, err, stage = spawn_sibling(
-            strings, counts, cwd, mapped, keep, new_session, pgid, dfl_sigs
+            strings, counts, cwd, mapped, keep, new_session, pgid, dfl_sigs, announce=reply, ptid=ptid
         )
     finally:
         for fd in moved:

@@ -19,8 +19,10 @@ import sys
 from typing import Any, List, Optional, Tuple
 
 from .. import _protocol as P
-from .._errors import BrokenChannelError
-from .._fds import HEADER, FdChannel, Frame, fork_sibling
+from .._errors import BrokenChannelError, ProtocolError
+from .._fds import HEADER, FdChannel, Frame, ffi
+from .._sibling import fork_sibling
+from .._slots import region
 from ._exec import do_spawn
 from ._hygiene import check_single_threaded, set_title
 from ._setup import rehearse_setup
@@ -46,15 +48,22 @@ def do_fork(state: State, frame: Frame) -> Optional[Work]:
     new_chan = FdChannel(new_sock)
     extra: List[Any] = []
     handles: List[Any] = []  # the fd-owning items of extra
+    raw = frame.fds[1:]  # the prelude's fds until _decode_prelude owns them
     func = None
     what = "fork()"  # the step an error is reported for
+    call_id = 0  # a fused run's call id: its reply, or its error, carries it
     try:
         if state.broken is not None:
             raise _Refused(state.broken)
         spec = P.loads(frame.payload) if frame.payload else {}
         prelude, run, spare = spec.get("prelude", ()), spec.get("run"), spec.get("spare", False)
+        call_id = spec.get("call", 0)
+        if len(raw) != sum(nfds for _, _, nfds in prelude):
+            raise ProtocolError(f"a fork command came with {len(raw)} fds for its first items, "
+                                f"not {sum(nfds for _, _, nfds in prelude)}")
         if prelude:
-            extra, handles = _decode_prelude(prelude, frame.fds[1:])
+            fds, raw = raw, []
+            extra, handles = _decode_prelude(prelude, fds)
         if run is not None:
             module_name, qualname, opts = run
             what = f"run('{module_name}:{qualname}')"
@@ -73,13 +82,22 @@ def do_fork(state: State, frame: Frame) -> Optional[Work]:
         sys.stderr.flush()
         if state.gc_freeze:
             gc.freeze()  # keep preloaded objects' pages shared with the clones
-        pid = fork_sibling()
+        # The kernel writes the clone's pid in the parent's slot before the
+        # clone first runs; without a slot, the clone writes it on its socket
+        # before anything else (a frame the parent would wake up for).
+        ptid = region.address(spec.get("slot"))
+        pid = fork_sibling(-1 if ptid != ffi.NULL else new_sock.fileno(), ptid)
     except BaseException as exc:
         if func is not None:
             set_title("fs:template")
         close_handles(handles)
+        for fd in raw:
+            os.close(fd)
         payload = exc.args[0] if isinstance(exc, _Refused) else P.encode_error(exc, what)
-        new_chan.send(P.ERROR, payload)
+        try:
+            new_chan.send(P.ERROR, P.with_call(call_id, payload))
+        except BrokenChannelError:
+            pass  # the parent gave the clone up already
         new_chan.close()
         return None
     if pid:
@@ -95,7 +113,7 @@ def do_fork(state: State, frame: Frame) -> Optional[Work]:
     state.sent.extend(extra)
     try:
         if func is not None:
-            state.chan.send(P.RUNNING, P.HELLO_FORMAT.pack(P.VERSION, os.getpid()))
+            state.chan.send(P.RUNNING, P.with_call(call_id, P.HELLO_FORMAT.pack(P.VERSION, os.getpid())))
             return func, state.sent, opts
         if spare:
             _rehearse(state)  # first: a spare's greeting tells the parent it is ready

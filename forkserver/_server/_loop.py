@@ -5,6 +5,17 @@ time, until ``RUN`` turns it into a worker or EOF tells it to exit.  On
 ``FORK`` it clones itself (``_fork.py``): the clone goes on in this same loop
 as a template of its own.  ``SPAWN`` starts an external program
 (``_exec.py``).
+
+Robustness.  The parent is the only peer (an unnamed socketpair), but its
+frames are checked before anything runs: a frame of an unknown kind, with
+the wrong number of fds, or whose call id or payload does not decode
+breaks the template with a ``ProtocolError`` (every later reply-bearing
+command answers with it, as after a failed pipelined command) and its fds
+are closed unused.  When the stream itself is unusable (EOF or garbage in
+the middle of a frame, a payload too large to allocate, a descriptor table
+that stays full) the template says why with an ``ERROR`` of call id 0, if
+it can, and exits.  A parent that died (EOF, EPIPE on a reply) makes it exit
+quietly, status 0, with nothing on stderr.
 """
 from __future__ import annotations
 
@@ -20,12 +31,14 @@ import linecache
 import os
 import signal
 import socket
+import stat
 import sys
-from typing import NoReturn, Optional
+from typing import Any, NoReturn, Optional
 
 from .. import _protocol as P
-from .._errors import BrokenChannelError, ForkserverError
+from .._errors import BrokenChannelError, ClosedError, FdTableFullError, ProtocolError
 from .._fds import FdChannel, Frame, drop_reserve
+from .._slots import region
 from ._exec import do_spawn
 from ._fork import do_fork
 from ._hygiene import set_title, watch_parent
@@ -55,20 +68,47 @@ def _do_eval(state: State, frame: Frame) -> None:
 
 
 def _do_send_arg(state: State, frame: Frame) -> None:
-    state.sent.extend(P.loads(frame.payload))
+    _expect_fds(frame, 0)
+    state.sent.extend(_decode(frame))
 
 
 def _do_send_fh(state: State, frame: Frame) -> None:
-    descs = P.loads(frame.payload)
+    descs = _decode(frame)
+    _expect_fds(frame, len(descs))
     state.sent.extend(P.rebuild_handle(fd, desc) for fd, desc in zip(frame.fds, descs))
 
 
+def _decode(frame: Frame) -> Any:
+    """A pipelined command's payload; if it does not load, its fds are closed unused."""
+    try:
+        return P.loads(frame.payload)
+    except BaseException:
+        _close_fds(frame.fds)
+        raise
+
+
+def _expect_fds(frame: Frame, count: int) -> None:
+    """Refuse (closing them unused) a frame that did not bring ``count`` fds."""
+    if len(frame.fds) != count:
+        _close_fds(frame.fds)
+        raise ProtocolError(
+            f"a {P.NAMES[frame.kind]} command came with {len(frame.fds)} fds, not {count}"
+        )
+
+
+def _checked_setup(state: State, frame: Frame) -> None:
+    """SETUP, refused (its fds closed unused) if it does not load or brings the wrong fds."""
+    ctx = _decode(frame)
+    _expect_fds(frame, len(ctx.get("stdio", ())) if isinstance(ctx, dict) else -1)
+    do_setup(state, frame, ctx)
+
+
 _HANDLERS = {
-    P.SETUP: do_setup,
+    P.SETUP: _checked_setup,
     P.SEND_ARG: _do_send_arg,
     P.SEND_FH: _do_send_fh,
 }
-_REPLYING = {P.REQUIRE: _do_require, P.EVAL: _do_eval}
+_REPLYING = {P.REQUIRE: _do_require, P.EVAL: _do_eval}  # RUN: in _dispatch
 
 
 def serve(state: State) -> Optional[Work]:
@@ -76,51 +116,108 @@ def serve(state: State) -> Optional[Work]:
     while True:
         try:
             frame = state.chan.receive()
-        except BrokenChannelError:
-            return None  # the parent closed our socket or died: exit quietly
+        except (BrokenChannelError, ClosedError):
+            # The parent closed our socket or died (a send that failed on it closed it).
+            return None
+        except (ProtocolError, FdTableFullError, MemoryError) as exc:
+            _last_words(state, exc)  # the stream is unusable from here on
+            return None
         assert frame is not None  # blocking channel
-        kind = frame.kind
-        if kind != P.FORK:
-            state.single_threaded = False  # the command may run code that starts threads
-        if kind == P.FORK:
-            work = do_fork(state, frame)
-            if work is not None:
-                return work
-            continue
-        if kind == P.SPAWN:  # replies on its own pipe, errors included
-            do_spawn(state, frame)
-            continue
-        name = P.NAMES.get(kind, f"kind {kind}")
-        if kind in _HANDLERS:
-            if state.broken is None:
-                try:
-                    _HANDLERS[kind](state, frame)
-                except BaseException as exc:
-                    state.broken = P.encode_error(exc, name)
-            else:
-                for fd in frame.fds:
-                    os.close(fd)
-            continue
-        if state.broken is not None:
-            state.chan.send(P.ERROR, state.broken)
-            continue
-        if kind in _REPLYING:
+        try:
+            work = _dispatch(state, frame)
+        except (BrokenChannelError, ClosedError):
+            return None  # a reply could not be sent: the parent is gone
+        if work is not None:
+            return work
+
+
+def _dispatch(state: State, frame: Frame) -> Optional[Work]:
+    """Serve one frame; the work to do for a RUN that resolved."""
+    kind = frame.kind
+    if kind != P.FORK:
+        state.single_threaded = False  # the command may run code that starts threads
+    if kind == P.FORK:
+        if not frame.fds or not _is_socket(frame.fds[0]):  # nowhere to greet or fail
+            return _malformed(state, frame, "a fork command without a socket for the clone")
+        return do_fork(state, frame)
+    if kind == P.SPAWN:  # replies on its own socket, errors included
+        if not frame.fds or not _is_socket(frame.fds[0]):
+            return _malformed(state, frame, "a spawn command without its reply socket")
+        do_spawn(state, frame)
+        return None
+    if kind in _HANDLERS:
+        if state.broken is None:
             try:
-                _REPLYING[kind](state, frame)
+                _HANDLERS[kind](state, frame)
             except BaseException as exc:
-                state.reply_error(exc, name)
-            else:
-                state.chan.send(P.RESULT)
-            continue
-        if kind == P.RUN:
-            try:
-                func, opts = resolve(state, frame)
-            except BaseException as exc:
-                state.reply_error(exc, name)
-                continue
-            state.chan.send(P.RUNNING)
-            return func, state.sent, opts
-        raise ForkserverError(f"template {os.getpid()}: unknown command kind {kind}")
+                state.broken = P.encode_error(exc, P.NAMES[kind])
+        else:
+            _close_fds(frame.fds)
+        return None
+    if kind not in P.REPLYING:
+        return _malformed(state, frame, f"unknown command kind {kind}")
+    try:
+        call_id, body = P.split_call(frame.payload)
+    except ValueError as exc:
+        return _malformed(state, frame, str(exc))
+    if frame.fds:
+        _close_fds(frame.fds)
+        exc = ProtocolError(f"a {P.NAMES[kind]} command came with {len(frame.fds)} fds")
+        state.broken = state.broken or P.encode_error(exc, P.NAMES[kind])
+    if state.broken is not None:
+        state.chan.send(P.ERROR, P.with_call(call_id, state.broken))
+        return None
+    name = P.NAMES[kind]
+    body_frame = Frame(kind, body, [])
+    if kind == P.RUN:
+        try:
+            func, opts = resolve(state, body_frame)
+        except BaseException as exc:
+            state.chan.send(P.ERROR, P.with_call(call_id, P.encode_error(exc, name)))
+            return None
+        state.chan.send(P.RUNNING, P.with_call(call_id))
+        return func, state.sent, opts
+    try:
+        _REPLYING[kind](state, body_frame)
+    except BaseException as exc:
+        state.chan.send(P.ERROR, P.with_call(call_id, P.encode_error(exc, name)))
+    else:
+        state.chan.send(P.RESULT, P.with_call(call_id))
+    return None
+
+
+def _malformed(state: State, frame: Frame, why: str) -> None:
+    """Refuse a frame that does not follow the protocol: close its fds, break the template."""
+    _close_fds(frame.fds)
+    if state.broken is None:
+        exc = ProtocolError(
+            f"template {os.getpid()}: {why}; this template refuses every command from now on"
+        )
+        state.broken = P.encode_error(exc, P.NAMES.get(frame.kind, f"kind {frame.kind}"))
+    return None
+
+
+def _is_socket(fd: int) -> bool:
+    try:
+        return stat.S_ISSOCK(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+
+
+def _close_fds(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _last_words(state: State, exc: BaseException) -> None:
+    """Tell the parent why we stop serving (an ERROR of call id 0), if it still listens."""
+    try:
+        state.chan.send(P.ERROR, P.with_call(0, P.encode_error(exc, "the command loop")))
+    except BaseException:
+        pass  # it does not: exiting is all that is left
 
 
 def _work(chan: FdChannel, work: Work) -> int:
@@ -183,7 +280,7 @@ def finish(code: int) -> "NoReturn":
         os._exit(code)
 
 
-def close_inherited(keep: int) -> None:
+def close_inherited(*keep: int) -> None:
     """Close every fd but 0-2 and ``keep``: what a freshly exec'd template inherited.
 
     posix_spawn (like exec) passes on every fd of the parent not marked
@@ -194,18 +291,21 @@ def close_inherited(keep: int) -> None:
     """
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
-        if fd > 2 and fd != keep:
+        if fd > 2 and fd not in keep:
             try:
                 os.close(fd)
             except OSError:
                 pass  # the fd listdir used, closed already
 
 
-def main(fd: int = 3) -> int:
+def main(fd: int = 3, slots: int = -1) -> int:
     """Entry point of a template: serve the command socket on ``fd``.
 
+    ``slots``: the parent's pid slots memfd (``forkserver._slots``), if given.
     Returns 0 when the socket reaches EOF; a worker never returns (it exits).
     """
+    if slots >= 0:
+        region.attach(slots)
     # Ctrl-C in the terminal reaches every process of the foreground group;
     # a template waiting for commands must not die of it. Workers restore it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -218,7 +318,10 @@ def main(fd: int = 3) -> int:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=fd)
     sock.setblocking(True)
     chan = FdChannel(sock)
-    greet(chan)
+    try:
+        greet(chan)
+    except BrokenChannelError:
+        return 0  # the parent is gone already
     state = State(chan)
     set_title("fs:template")
     work = serve(state)

@@ -22,9 +22,13 @@ from .._fds import Frame
 from ._state import import_checked
 
 
-def do_setup(state, frame: Frame) -> None:
-    """Serve SETUP: stdio fds, environment, directory, ``sys.path``, ``gc_freeze``."""
-    ctx = P.loads(frame.payload)
+def do_setup(state, frame: Frame, ctx=None) -> None:
+    """Serve SETUP: stdio fds, environment, directory, ``sys.path``, ``gc_freeze``.
+
+    ``ctx``: the payload, when the caller already loaded (and checked) it.
+    """
+    if ctx is None:
+        ctx = P.loads(frame.payload)
     fds = iter(frame.fds)
     for target in ctx.get("stdio", ()):
         fd = next(fds)
