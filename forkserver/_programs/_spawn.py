@@ -40,18 +40,20 @@ StdHandle = Union[None, int, IO[Any]]
 
 # Signals the program gets at their default even though the template ignores
 # them: Python ignores SIGPIPE and SIGXFSZ (so a program in a pipeline would
-# not die of a closed reader), templates ignore SIGINT (Ctrl-C) -- unless the
-# caller ignores it too, see _dfl_sigs() -- and glibc's posix_spawn, which
+# not die of a closed reader), templates ignore SIGINT (Ctrl-C) and SIGHUP (a
+# hang-up) -- unless the caller ignores them too, see _dfl_sigs() -- and glibc's posix_spawn, which
 # started the template, leaves its internal signals 32 and 33 ignored.
 _DFL_ALWAYS = sum(1 << (s - 1) for s in (signal.SIGPIPE, signal.SIGXFSZ, 32, 33))
-_DFL_SIGINT = 1 << (signal.SIGINT - 1)
+_AS_CALLER = (signal.SIGINT, signal.SIGHUP)
 
 
 def _dfl_sigs() -> int:
-    """Signals to reset to SIG_DFL in the program (a bit mask); SIGINT as the caller has it."""
-    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
-        return _DFL_ALWAYS  # as subprocess: an ignored SIGINT stays ignored in children
-    return _DFL_ALWAYS | _DFL_SIGINT
+    """Signals to reset to SIG_DFL in the program (a bit mask); SIGINT, SIGHUP as the caller has them."""
+    mask = _DFL_ALWAYS
+    for sig in _AS_CALLER:  # as subprocess: a signal the caller ignores stays ignored in children
+        if signal.getsignal(sig) != signal.SIG_IGN:
+            mask |= 1 << (sig - 1)
+    return mask
 
 
 _STAGES = {

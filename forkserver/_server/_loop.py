@@ -48,6 +48,10 @@ from ._state import State, Work, flush_std, greet, import_checked, resolve
 
 _eval_counter = itertools.count(1)
 _SIGINT = int(signal.SIGINT)
+_SIGHUP = int(signal.SIGHUP)
+# Whether SIGHUP was ignored when this template started (nohup, or a caller
+# that ignores it: exec keeps an ignored signal ignored); workers keep it so.
+_hup_ignored = False
 
 
 def _do_require(state: State, frame: Frame) -> None:
@@ -233,6 +237,8 @@ def _work(chan: FdChannel, work: Work) -> int:
     if not opts.get("titled"):
         set_title("fs:" + getattr(func, "__name__", "worker"))
     _signal.signal(_SIGINT, signal.default_int_handler)
+    if not _hup_ignored:
+        _signal.signal(_SIGHUP, _signal.SIG_DFL)
     if opts.get("die_with_parent"):
         watch_parent(opts["die_with_parent"], opts["parent"])
     try:
@@ -306,9 +312,15 @@ def main(fd: int = 3, slots: int = -1) -> int:
     """
     if slots >= 0:
         region.attach(slots)
-    # Ctrl-C in the terminal reaches every process of the foreground group;
-    # a template waiting for commands must not die of it. Workers restore it.
+    # Ctrl-C in the terminal reaches every process of the foreground group,
+    # and so does the hang-up of a closing terminal or a `kill -HUP` of the
+    # process group (a server's usual "reload"); a template waiting for
+    # commands must not die of them: it ends when its parent closes its
+    # socket.  Workers get both back (_work); programs too (_exec: dfl_sigs).
+    global _hup_ignored
+    _hup_ignored = signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     os.set_inheritable(fd, False)
     for std in (0, 1, 2):  # keep 0-2 taken, so no socket or received fd lands there
         try:
