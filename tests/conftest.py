@@ -37,7 +37,8 @@ def _standing_templates() -> List[Any]:
 
     A template keeps a spare clone ready once it has been forked (a module
     fixture's template, say); spares end with their template, which the spare
-    tests check.
+    tests check.  Never blocks: a spare made "after" a running worker does
+    not exist before that worker ends, and its pid is unknown until then.
     """
     from forkserver import _default, _template
 
@@ -48,9 +49,26 @@ def _standing_templates() -> List[Any]:
     for tpl in list(_template._live):
         spare = tpl._spare
         if spare is not None and spare._status in ("starting", "ready"):
-            spare.pid  # known once it greeted us
+            spare._read_available()  # its pid, if it exists (no wait)
             standing.append(spare)
     return standing
+
+
+def children_but_default() -> Set[int]:
+    """Our children (zombies included) minus the shared default template and its spare.
+
+    ``Template()`` takes the default template's spare, which makes the next
+    one in the background: a test counting its own processes must not see it.
+    """
+    from forkserver import _default
+
+    kids = {p.pid for p in psutil.Process().children()}  # first: a spare made later is not in it
+    default = _default._default.template
+    if default is not None:
+        kids.discard(default.pid)
+        if default._spare is not None:
+            kids.discard(default._spare.pid)  # a plain spare: it greets at once
+    return kids
 
 
 @pytest.fixture

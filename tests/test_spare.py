@@ -48,17 +48,17 @@ def talk(child):
 
 def test_after_its_first_fork_a_template_keeps_one_clone_that_the_next_fork_uses():
     with Template().require(W) as tpl:
-        before = our_children()
+        before = ours()
         first = tpl.fork().run(f"{W}:return_quietly")
         assert first.wait(20) == 0
         first.control.close()
         spare_pid = tpl._spare.pid  # made in the background: wait for its greeting
-        assert our_children() - before == {spare_pid}, "one clone is kept ready, no more"
+        assert ours() - before == {spare_pid}, "one clone is kept ready, no more"
         second = tpl.fork().send_arg("x").run(f"{W}:echo_args")
         assert second.pid == spare_pid
         assert talk(second) == (("x",), 0)
         new_spare = tpl._spare.pid  # waits for its greeting
-        assert our_children() - before == {new_spare} != {spare_pid}, "a new one replaces it"
+        assert ours() - before == {new_spare} != {spare_pid}, "a new one replaces it"
 
 
 def _ignores_sigint(pid):

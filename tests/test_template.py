@@ -23,6 +23,7 @@ from forkserver import (
 
 from . import _workers
 from ._workers import recv_obj
+from .conftest import children_but_default
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -586,7 +587,7 @@ def test_a_fork_keeps_the_state_of_the_moment_it_was_asked_for():
 
 def test_a_fork_that_is_never_used_creates_no_process():
     with Template().require(W) as tpl:
-        before = set(p.pid for p in psutil.Process().children())
+        before = children_but_default()
         r, w = os.pipe()
         unused = tpl.fork().send_arg(1).send_fh(r)
         os.close(r)
@@ -594,7 +595,7 @@ def test_a_fork_that_is_never_used_creates_no_process():
         unused.close()  # closes the duplicated fd it was holding
         tpl.fork()  # dropped without close
         tpl.require("json")
-        assert set(p.pid for p in psutil.Process().children()) == before
+        assert children_but_default() == before
 
 
 def test_a_bad_target_in_a_fused_fork_and_run_raises_and_leaves_nothing():
