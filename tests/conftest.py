@@ -2,10 +2,20 @@
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any, List, Set
 
 import psutil
 import pytest
+
+# A job started in the background by a shell without job control (`pytest &`
+# in a script) begins with SIGINT ignored, and Python then installs no
+# KeyboardInterrupt handler.  Many tests deliver a Ctrl-C on purpose (and
+# check that programs get SIGINT at its default): give the suite the
+# disposition of a terminal's foreground job.  Tests of an ignored SIGINT set
+# it themselves.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def open_fds() -> Set[int]:
