@@ -78,7 +78,7 @@ class Running:
                 self._status, self._run_sent = "running", False
                 held.discard(self._chan)
                 _kill_on_exit.discard(child)
-                _discard_child(child)
+                discard_child(child)
             elif self._run_sent:
                 self._hand_over()  # doomed: killed once its pid is known, and reaped
                 self._status, self._run_sent = "running", False
@@ -87,15 +87,17 @@ class Running:
 
 
 
-def _discard_child(child: Child) -> None:
-    """A Child the caller never got: SIGKILL it, close our ends, let the reaper reap it."""
+def discard_child(child: Child) -> None:
+    """A Child the caller never got: SIGKILL it, close our ends, let the reaper reap it.
+
+    For a worker of ``run`` and a program of ``spawn`` alike (``_programs``).
+    """
     try:
         child.kill()
     finally:
         with deferred():
             if child._pidfd is not None:
                 child._pidfd = reaper.adopt(child.pid, child._pidfd)  # handed over and forgotten at once
-        if child.control is not None:
-            child.control.close()
+        child.close()  # its control socket, its pipes
 
 

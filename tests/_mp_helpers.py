@@ -67,7 +67,10 @@ def mp_no_leaks(mp_tracker):
     gc.collect()  # a Process keeps its sentinel until collected (Pool: in cycles)
     assert reaper.wait_idle(10), "the reaper still waits for dropped processes"
     fds_after, kids_after = snapshot()
-    leaked = {fd: _describe(fd) for fd in fds_after - fds_before}
+    # An fd gone by the time it is described was a background thread's, in
+    # use for an instant (the context making its next waiting child): closed.
+    described = {fd: _describe(fd) for fd in fds_after - fds_before}
+    leaked = {fd: what for fd, what in described.items() if what != "?"}
     assert not leaked, f"fds leaked: {leaked}"
     assert not kids_after - kids_before, f"children left behind: {kids_after - kids_before}"
 

@@ -13,6 +13,7 @@ from forkserver import Template
 from forkserver._wait import wait_readable
 
 from ._workers import recv_obj
+from .conftest import children_but_default
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -25,15 +26,7 @@ def our_children():
 
 def ours():
     """Our children, minus the shared default template and its spare (never blocks on ours)."""
-    from forkserver import _default
-
-    kids = our_children()
-    default = _default._default.template
-    if default is not None:
-        kids.discard(default.pid)
-        if default._spare is not None:
-            kids.discard(default._spare.pid)  # a plain spare: it greets at once
-    return kids
+    return children_but_default()
 
 
 def talk(child):

@@ -27,6 +27,7 @@ from .._fds import FdChannel, Frame, socketpair
 from .._interrupts import allowed, deferred
 from .._process import Child
 from .._reaper import reaper
+from .._running import discard_child
 from .._sibling import STAGE_CWD, STAGE_EXEC, STAGE_FDS, STAGE_SESSION
 from .._slots import region, settle
 from .._template import Template, default_template
@@ -410,7 +411,7 @@ def finish(plan: _Plan, frame: Frame, reply: FdChannel) -> Child:
         if child is None:
             _kill(pid)
         else:
-            _lose(child)
+            discard_child(child)
         raise
 
 
@@ -420,17 +421,6 @@ def _kill(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)  # still our unreaped child: the pid cannot be reused
     finally:
         reaper.adopt(pid)
-
-
-def _lose(child: Child) -> None:
-    """A Child the caller will not get: SIGKILL it, let the reaper reap it."""
-    try:
-        child.kill()
-    finally:
-        with deferred():
-            if child._pidfd is not None:
-                child._pidfd = reaper.adopt(child.pid, child._pidfd)  # handed over and forgotten at once
-        child.close()
 
 
 def _open_pipes(plan: _Plan) -> List[Any]:
