@@ -20,13 +20,16 @@ import asyncio
 import signal
 import subprocess
 import weakref
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Tuple, Union
 
 from . import _protocol as P
 from ._errors import BrokenChannelError
 from ._interrupts import deferred
 from ._process import Child
 from ._template import _AGAIN, _WAIT, Target, Template, _ids
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._fds import FdChannel
 
 __all__ = ["require", "eval", "run", "wait", "AsyncChild"]
 
@@ -87,7 +90,7 @@ async def _next_frame(tpl: Template, what: str, call_id: int = 0) -> Any:
             continue
         if frame is not _WAIT:
             return frame
-        chan = tpl._chan
+        chan: FdChannel = tpl._chan  # type: ignore[assignment]  # _WAIT: it has a channel to wait on
         delay = None
         if chan.stalled_until is not None:
             delay = max(0.0, chan.stalled_until - asyncio.get_running_loop().time())

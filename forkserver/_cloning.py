@@ -25,7 +25,12 @@ from ._slots import region
 from ._wait import drain
 
 if TYPE_CHECKING:  # pragma: no cover
+    import threading
+    import weakref
+    from typing import List
+
     from ._process import Child
+    from ._template import Template
 
 
 _PID_FRAME = HEADER.size + PID_FORMAT.size
@@ -55,6 +60,30 @@ def _greeted(tpl: Any) -> bool:
 
 class Cloning:
     """Deferred forks (``fork()`` makes the clone when first needed) and spare clones."""
+
+    if TYPE_CHECKING:  # what Template and its other mixin Link provide
+        _chan: Optional[FdChannel]
+        _status: str
+        _run_sent: bool
+        _lock: threading.RLock
+        _origin: str
+        _main_ok: bool
+        _keep_spare: bool
+        _base: Optional[Template]
+        _prelude: List[tuple]
+        _pending: weakref.WeakSet[Template]
+        _spare: Optional[Template]
+        _refill_after_run: Optional[Template]
+        _refill_after_exit: bool
+
+        def _take_over(self, other: Any) -> None: ...
+        @classmethod
+        def _from_channel(cls, chan: Optional[FdChannel], origin: str, pid: Optional[int] = None,
+                          pidfd: Optional[int] = None) -> Template: ...
+        def _send(self, kind: int, payload: bytes = b"", fds: Sequence[Any] = ()) -> None: ...
+        def _broken(self, cause: BaseException, what: str) -> BrokenTemplateError: ...
+        def _hand_over(self, kill_after: Optional[float] = None) -> None: ...
+        def _abandon(self) -> None: ...
 
     def _start_pending_forks(self) -> None:
         """Clone this template for each deferred fork() before its state changes."""
@@ -138,9 +167,9 @@ class Cloning:
             ready = _greeted(self)
             with deferred():  # all of the prelude and the run, or a Ctrl-C after them
                 for kind, payload, dups in self._prelude:
-                    self._chan.send(kind, payload, dups)
+                    self._chan.send(kind, payload, dups)  # type: ignore[union-attr]  # the spare's channel
                 if run is not None:
-                    self._chan.send(P.RUN, P.with_call(call_id, P.dumps(run)))
+                    self._chan.send(P.RUN, P.with_call(call_id, P.dumps(run)))  # type: ignore[union-attr]
         except (BrokenChannelError, BrokenTemplateError):
             # Killed while it waited: it goes to the reaper, a fresh clone is made.
             run_sent, self._run_sent = self._run_sent, False
@@ -250,6 +279,7 @@ class Cloning:
 
     def _drain(self, what: str) -> None:
         """Block until every queued command is in the template's socket; lock held."""
+        assert self._chan is not None  # called after a _send, which needs it
         try:
             with allowed():
                 drain(self._chan)

@@ -144,7 +144,7 @@ class _Reserve:
         """
         self._count = lib.fdp_close_many(self._spare, self._count) and 0
         if self._model >= 0:
-            self._model = os.close(self._model) or -1  # os.close returns None
+            self._model = os.close(self._model) or -1  # type: ignore[func-returns-value]  # os.close returns None
 
     def _have_model(self) -> bool:
         if self._model >= 0:
@@ -263,9 +263,9 @@ class FdChannel:
         self._hdr = bytearray(HEADER.size)
         self._hdr_c = ffi.from_buffer(self._hdr)  # never resized, so a lasting export is fine
         self._payload: Optional[bytearray] = None
-        self._payload_c = None
-        self._carriers = None  # cdata char[]: one byte per fd batch
-        self._rx = None  # cdata int[]: the frame's fds as they arrive
+        self._payload_c: Any = None
+        self._carriers: Any = None  # cdata char[]: one byte per fd batch
+        self._rx: Any = None  # cdata int[]: the frame's fds as they arrive
         self._backoff = 0.0
         self.stalled_until: Optional[float] = None
         self._stall_deadline: Optional[float] = None  # blocking sockets only
@@ -296,7 +296,9 @@ class FdChannel:
         fdlist = [fd if type(fd) is int else _fileno(fd) for fd in fds]
         if len(fdlist) > MAX_FDS_PER_FRAME:
             raise ValueError(f"{len(fdlist)} fds in one frame; at most {MAX_FDS_PER_FRAME}")
-        units = [(HEADER.pack(len(payload), len(fdlist), kind) + payload, None)]
+        units: List[Tuple[bytes, Optional[List[int]]]] = [
+            (HEADER.pack(len(payload), len(fdlist), kind) + payload, None)
+        ]
         for i in range(0, len(fdlist), MAX_FDS_PER_MESSAGE):
             units.append((_CARRIER, fdlist[i : i + MAX_FDS_PER_MESSAGE]))
         done = 0
@@ -420,10 +422,10 @@ class FdChannel:
                 if not self._read_carrier(nfds):
                     return None
                 continue
-            payload = bytes(self._payload) if length else b""
+            payload = bytes(self._payload) if length else b""  # type: ignore[arg-type]  # made when length > 0
             if kind == PID_KIND and not nfds and length == PID_FORMAT.size:
                 # Recorded in the same statement that resets the receive state.
-                self.peer_pid, _ = PID_FORMAT.unpack(payload)[0], self._reset()
+                self.peer_pid, _ = PID_FORMAT.unpack(payload)[0], self._reset()  # type: ignore[func-returns-value]
                 continue
             frame = Frame(kind, payload, ffi.unpack(self._rx, nfds) if nfds else [])
             self._reset()

@@ -31,6 +31,10 @@ from __future__ import annotations
 import _signal
 import _thread
 import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Literal
 
 __all__ = ["deferred", "allowed"]
 
@@ -75,7 +79,7 @@ class deferred:
         st.depth += 1
         return self
 
-    def __exit__(self, *exc: object) -> bool:
+    def __exit__(self, *exc: object) -> Literal[False]:
         if _thread.get_ident() != _MAIN:
             return False
         st = _st
@@ -104,7 +108,7 @@ class allowed:
             st.allowed = self._set = True
         return self
 
-    def __exit__(self, *exc: object) -> bool:
+    def __exit__(self, *exc: object) -> Literal[False]:
         if self._set:
             _st.allowed = False
         return False

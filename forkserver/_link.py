@@ -32,7 +32,7 @@ import os
 import signal
 import socket
 import threading
-from typing import Any, Optional, Set
+from typing import TYPE_CHECKING, Any, Optional, Set
 
 from . import _protocol as P
 from ._errors import BrokenChannelError, BrokenTemplateError, ClosedError, ProtocolError
@@ -71,6 +71,13 @@ class Link:
     _status: str
     _run_sent: bool
     _lock: "threading.RLock"
+    _owner: Optional[int]  # the process the template belongs to
+    _main_ok: bool
+    _keep_spare: bool
+
+    if TYPE_CHECKING:  # what the other mixins of Template (Cloning) provide
+        def _drop_spare(self) -> None: ...
+        def _close_prelude(self) -> None: ...
 
     _gone_pid: Optional[int] = None  # the pid once the channel was handed over
 
@@ -89,7 +96,7 @@ class Link:
         (self._chan, self._pidfd, self._status, self._run_sent, other._gone_pid, other._chan,
          other._pidfd, other._status) = (other._chan, other._pidfd, other._status, other._run_sent,
                                          other._pid, None, None, "closed")  # fmt: skip
-        self._main_ok, self._keep_spare = other._main_ok, other._keep_spare  # type: ignore[attr-defined]
+        self._main_ok, self._keep_spare = other._main_ok, other._keep_spare
 
     # -- reading -----------------------------------------------------------------
 
@@ -186,7 +193,7 @@ class Link:
                 with allowed():
                     wait_channel(self._chan, None)  # type: ignore[arg-type]
             elif frame is not AGAIN:
-                return frame  # type: ignore[no-any-return]
+                return frame
 
     def _read_hello(self) -> None:
         """Wait for the greeting, unless it was read already."""
@@ -200,9 +207,9 @@ class Link:
     # -- giving the process up -------------------------------------------------------
 
     def _check_open(self, what: str) -> None:
-        if self._owner != os.getpid():  # type: ignore[attr-defined]
+        if self._owner != os.getpid():
             raise ClosedError(
-                f"{what} on {self!r}: it belongs to process {self._owner}, not to this forked "  # type: ignore[attr-defined]
+                f"{what} on {self!r}: it belongs to process {self._owner}, not to this forked "
                 "copy; create a new Template in this process"
             )
         if self._status == "running":
@@ -220,7 +227,7 @@ class Link:
         """
         if self._status not in ("closed", "running"):
             self._status = "broken"
-        self._drop_spare()  # type: ignore[attr-defined]
+        self._drop_spare()
         self._hand_over(kill_after=CLOSE_GRACE)
         err = BrokenTemplateError(
             f"{what} on {self!r}: the template process died or closed its socket; "
@@ -244,12 +251,13 @@ class Link:
             self._chan = None  # nothing to learn, nothing to reap
         if self._chan is None:
             if self._pidfd is not None:
-                self._pidfd = os.close(self._pidfd)  # os.close returns None
+                self._pidfd = os.close(self._pidfd)  # type: ignore[func-returns-value]  # os.close returns None
             return
+        assert chan is not None  # it is self._chan
         held.discard(chan)
         self._gone_pid = chan.peer_pid
         with deferred():  # a Ctrl-C after the reaper took them, not before we forgot them
-            self._chan = self._pidfd = reaper.adopt_channel(
+            self._chan = self._pidfd = reaper.adopt_channel(  # type: ignore[func-returns-value]
                 chan, doomed=self._run_sent, pidfd=self._pidfd, kill_after=kill_after
             )
 
@@ -275,9 +283,9 @@ class Link:
         status = self._status
         if status != "running":
             self._status = "closed"
-        self._drop_spare()  # type: ignore[attr-defined]
+        self._drop_spare()
         if status == "pending":
-            self._close_prelude()  # type: ignore[attr-defined]
+            self._close_prelude()
         elif status != "running" and (self._chan is not None or self._pidfd is not None):
             chan = self._chan
             if status == "starting" and chan is not None and not chan.closed and chan.peer_pid is None:
@@ -321,7 +329,8 @@ class Link:
         except ReapedElsewhere:
             pass  # a waitpid(-1) of the caller's got there first: gone all the same
         self._gone_pid, self._chan = pid, None  # reaped: nothing left to hand over but the pidfd
-        self._pidfd = os.close(self._pidfd)  # os.close returns None: closed and forgotten at once
+        # os.close returns None: closed and forgotten at once
+        self._pidfd = os.close(self._pidfd)  # type: ignore[func-returns-value]
 
     def _wait_for_pid(self, chan: FdChannel) -> None:
         """Read ``chan`` until its PID frame (or the end) has come."""

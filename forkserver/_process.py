@@ -97,7 +97,8 @@ class Child:
         # Close the pidfd once reaped, but never under a thread polling it:
         # its number could be reused by an unrelated fd meanwhile.
         if self.returncode is not None and self._waiters == 0 and self._pidfd is not None:
-            self._pidfd = os.close(self._pidfd)  # os.close returns None: closed and forgotten at once
+            # os.close returns None: closed and forgotten at once
+            self._pidfd = os.close(self._pidfd)  # type: ignore[func-returns-value]
 
     def poll(self) -> Optional[int]:
         """The returncode if the process has exited (reaping it), else None."""
@@ -156,7 +157,7 @@ class Child:
     def _timeout(self, timeout: Optional[float]) -> Exception:
         import subprocess
 
-        return subprocess.TimeoutExpired(self._cmd(), timeout)
+        return subprocess.TimeoutExpired(self._cmd(), timeout)  # type: ignore[arg-type]  # None never times out
 
     def _cmd(self) -> Any:
         """What errors name the process by: its args, its target, or its pid."""
@@ -280,6 +281,7 @@ class Child:
             if self.returncode is None and self._pidfd is not None:
                 from ._reaper import reaper
 
-                self._pidfd = reaper.adopt(self.pid, self._pidfd)  # handed over and forgotten at once
+                # handed over and forgotten at once (adopt returns None)
+                self._pidfd = reaper.adopt(self.pid, self._pidfd)  # type: ignore[func-returns-value]
         except Exception:
             pass  # interpreter shutdown: the kernel reparents what is left

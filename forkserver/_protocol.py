@@ -170,11 +170,11 @@ def decode_error(payload: bytes) -> BaseException:
         + ":\n"
         + info["traceback"]
     )
-    exc: BaseException
+    exc: Optional[BaseException]
     try:
-        exc = pickle.loads(info["pickled"]) if info["pickled"] else None  # type: ignore
+        exc = pickle.loads(info["pickled"]) if info["pickled"] else None
     except Exception:
-        exc = None  # type: ignore
+        exc = None
     if exc is None:
         exc = RemoteError(f"{info['type']}: {info['message']}")
         exc.remote_type = info["type"]  # type: ignore[attr-defined]
@@ -233,6 +233,7 @@ def split_target(target: Union[str, Callable[..., Any]], main_ok: bool = False) 
 
 def describe_handle(obj: Any) -> Tuple[int, Dict[str, Any]]:
     """(fd, description) for a socket, a file object or an int fd; checks the fd is open."""
+    desc: Dict[str, Any]
     if isinstance(obj, bool):
         raise TypeError(f"send_fh({obj!r}): expected a socket, a file object or an int fd")
     if isinstance(obj, int):

@@ -39,12 +39,15 @@ import signal
 import threading
 import time
 from collections import deque
-from typing import Deque, Dict, Optional
+from typing import TYPE_CHECKING, Deque, Dict, Optional
 
 from ._errors import BrokenChannelError, ClosedError, ProtocolError
 from ._fds import FdChannel, set_name
 from ._slots import settle
 from ._wait import ReapedElsewhere, is_our_child, open_pidfd, reap_pidfd
+
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Union
 
 __all__ = ["reaper"]
 
@@ -88,11 +91,11 @@ class _PidEntry:
                 reap_pidfd(self.pidfd)
         finally:
             if self.pidfd is not None:
-                self.pidfd = os.close(self.pidfd)
+                self.pidfd = os.close(self.pidfd)  # type: ignore[func-returns-value]  # os.close returns None
 
     def forget(self) -> None:  # in a forked child: not our process
         if self.pidfd is not None:
-            self.pidfd = os.close(self.pidfd)
+            self.pidfd = os.close(self.pidfd)  # type: ignore[func-returns-value]  # os.close returns None
 
 
 class _ChanEntry:
@@ -100,7 +103,7 @@ class _ChanEntry:
 
     def __init__(self, chan: FdChannel, doomed: bool, pidfd: Optional[int], kill_after: Optional[float]) -> None:
         self.chan, self.doomed, self.pidfd, self.kill_after = chan, doomed, pidfd, kill_after
-        self.kill_at = None
+        self.kill_at: Optional[float] = None
 
     def fileno(self) -> int:
         return self.chan.fileno()
@@ -140,12 +143,12 @@ class _ChanEntry:
                 reap_pidfd(self.pidfd)
         finally:
             if self.pidfd is not None:
-                self.pidfd = os.close(self.pidfd)
+                self.pidfd = os.close(self.pidfd)  # type: ignore[func-returns-value]  # os.close returns None
 
     def forget(self) -> None:
         self.chan.close()
         if self.pidfd is not None:
-            self.pidfd = os.close(self.pidfd)
+            self.pidfd = os.close(self.pidfd)  # type: ignore[func-returns-value]  # os.close returns None
 
 
 def _pidfd_of_child(pid: int) -> Optional[int]:
@@ -170,7 +173,7 @@ class _Reaper:
     def __init__(self) -> None:
         self._lock = threading.Lock()  # held by the thread while it works on its entries
         self._inbox: Deque = deque()  # handed over, not yet taken by the thread
-        self._entries: Dict[int, object] = {}  # polled fd -> entry
+        self._entries: Dict[int, Union[_PidEntry, _ChanEntry]] = {}  # polled fd -> entry
         self._start_lock = threading.RLock()
         self._running = False
         self._idle = threading.Condition(threading.Lock())
@@ -210,7 +213,7 @@ class _Reaper:
 
     def _hand(self, entry: object) -> None:
         # One statement: queued and kicked (which never raises), or neither.
-        self._inbox.append(entry) or self._kick()
+        self._inbox.append(entry) or self._kick()  # type: ignore[func-returns-value]
 
     def _kick(self) -> None:
         """Make sure the thread runs and looks at its inbox.
@@ -301,6 +304,7 @@ class _Reaper:
 
     def _round(self) -> bool:
         """Wait for and handle what is ready; False once nothing is left."""
+        entry: Optional[Union[_PidEntry, _ChanEntry]]
         with self._lock:
             while self._inbox:
                 self._admit(self._inbox.popleft())

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import weakref
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from . import _protocol as P
 from ._errors import ProtocolError
@@ -22,6 +22,12 @@ from ._link import held
 from ._process import Child
 from ._reaper import reaper
 
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Sequence
+
+    from ._errors import BrokenTemplateError
+    from ._fds import FdChannel
+
 _kill_on_exit: "weakref.WeakSet[Child]" = weakref.WeakSet()
 
 
@@ -29,6 +35,20 @@ class Running:
     """The run half of a ``Template``."""
 
     _child: Optional[Child] = None  # the Child of the run, once made
+
+    if TYPE_CHECKING:  # what Template and its other mixins (Link, Cloning) provide
+        _chan: Optional[FdChannel]
+        _pidfd: Optional[int]
+        _status: str
+        _run_sent: bool
+        _main_ok: bool
+
+        def _check_open(self, what: str) -> None: ...
+        def _materialize(self, run: Optional[tuple] = None, call_id: int = 0,
+                         refill: bool = True) -> None: ...
+        def _send(self, kind: int, payload: bytes = b"", fds: Sequence[Any] = ()) -> None: ...
+        def _broken(self, cause: BaseException, what: str) -> BrokenTemplateError: ...
+        def _hand_over(self, kill_after: Optional[float] = None) -> None: ...
 
     def _run_spec(self, target: Any, die_with_parent: Union[bool, int]) -> tuple:
         """(module, qualname, options) of a run; raises for a bad target before anything is sent."""
@@ -97,7 +117,8 @@ def discard_child(child: Child) -> None:
     finally:
         with deferred():
             if child._pidfd is not None:
-                child._pidfd = reaper.adopt(child.pid, child._pidfd)  # handed over and forgotten at once
+                # handed over and forgotten at once (adopt returns None)
+                child._pidfd = reaper.adopt(child.pid, child._pidfd)  # type: ignore[func-returns-value]
         child.close()  # its control socket, its pipes
 
 

@@ -137,4 +137,4 @@ def settle(chan: Any, ended: bool) -> None:
             chan.peer_pid = pid
         elif not ended:
             return  # not made yet
-    chan.slot = region.give(slot)
+    chan.slot = region.give(slot)  # type: ignore[func-returns-value]  # None: freed and forgotten at once

@@ -101,16 +101,16 @@ class Template(Link, Running, Cloning):
     """
 
     # Defaults of an object whose _adopt() was cut short: it owns nothing.
-    _chan = None
-    _pidfd = None
+    _chan: Optional[FdChannel] = None
+    _pidfd: Optional[int] = None
     _status = "closed"
     _run_sent = False
-    _owner = None
-    _spare = None
+    _owner: Optional[int] = None
+    _spare: Optional[Template] = None
     _prelude: Any = ()
     _pending: Any = ()
-    _base = None
-    _refill_after_run = None
+    _base: Optional[Template] = None
+    _refill_after_run: Optional[Template] = None
 
     def __init__(
         self,
@@ -181,18 +181,18 @@ class Template(Link, Running, Cloning):
         # A fork() is deferred until it is needed ("pending"): its first
         # send_arg/send_fh calls ride along with the FORK command, and a
         # run() fuses with it, so the clone starts the worker at once.
-        self._base: Optional[Template] = None
+        self._base = None
         self._prelude: List[tuple] = []  # (kind, payload, dup'd fds)
         self._pending: "weakref.WeakSet[Template]" = weakref.WeakSet()
         self._main_ok = False  # True when the template has the caller's __main__ (early())
         # After its first fork(), a template keeps one clone of itself ready:
         # the next fork() takes it instead of waiting for a clone to be made.
         self._keep_spare = True
-        self._spare: Optional[Template] = None
+        self._spare = None
         # The base to ask for its next spare after the run's reply, and
         # whether that clone waits for the worker's exit (see "When the next
         # spare is made").
-        self._refill_after_run: Optional[Template] = None
+        self._refill_after_run = None
         self._refill_after_exit = False
         _live.add(self)  # last: a template ended at exit is a whole one
 
@@ -274,7 +274,7 @@ class Template(Link, Running, Cloning):
                     self._drop_spare()  # it is a copy of the state this command changes
             with deferred():  # never half a frame in the socket
                 try:
-                    self._chan.send(kind, payload, fds)
+                    self._chan.send(kind, payload, fds)  # type: ignore[union-attr]  # set once open
                 except BrokenChannelError as exc:
                     raise self._broken(exc, P.NAMES[kind]) from exc
                 except BaseException as exc:
@@ -447,7 +447,7 @@ class Template(Link, Running, Cloning):
 
     def _close_pidfd(self) -> None:
         if self._pidfd is not None:
-            self._pidfd = os.close(self._pidfd)
+            self._pidfd = os.close(self._pidfd)  # type: ignore[func-returns-value]  # os.close returns None
 
     def __del__(self) -> None:
         # Dropped without close(): end the process and let the reaper wait for it.

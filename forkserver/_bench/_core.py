@@ -405,7 +405,7 @@ def mp_forkserver_preloaded(modules: List[str]) -> Iterator[object]:
     try:
         yield ctx
     finally:
-        for stop in (server._stop, resource_tracker._resource_tracker._stop):
+        for stop in (server._stop, resource_tracker._resource_tracker._stop):  # type: ignore[attr-defined]  # private: best effort
             with contextlib.suppress(Exception):
                 stop()
         ctx.set_forkserver_preload(saved)

@@ -19,9 +19,13 @@ import os
 import statistics
 import time
 import warnings
-from typing import Any, Callable, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, List, Optional
 
 from . import _core as B
+
+if TYPE_CHECKING:  # pragma: no cover
+    from concurrent import futures
+    from typing import Dict
 
 RT_BLOCK = 100  # round trips per sample: the first ones after a pause pay the CPUs' wake-ups
 MAP_TASKS = 10_000
@@ -71,7 +75,7 @@ class Executors:
         os.environ["FORKSERVER_BENCH_PRELOAD"] = bench.s.preload  # for the workers' import
         self.tasks = importlib.import_module(TASKS)
         self.tpl = stack.enter_context(Template().require(bench.s.preload, TASKS))
-        self.pools = {FS: Executor(WORKERS, template=self.tpl)}
+        self.pools: Dict[str, futures.Executor] = {FS: Executor(WORKERS, template=self.tpl)}
         with _quiet_fork():
             self.pools[PPE_FS] = ProcessPoolExecutor(WORKERS, mp_context=bench.mp_fs)
             self.pools[PPE_FORK] = ProcessPoolExecutor(

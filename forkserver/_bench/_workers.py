@@ -175,7 +175,7 @@ def stop_default_template() -> None:
     """
     default = sys.modules.get("forkserver._default")
     if default is not None:  # else it was never started
-        default._default.shutdown()  # type: ignore[attr-defined]
+        default._default.shutdown()
 
 
 if __name__ == "__main__":  # python .../forkserver/_bench/_workers.py KIND PRELOAD SYS_PATH

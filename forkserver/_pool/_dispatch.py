@@ -21,11 +21,14 @@ import os
 import threading
 from collections import deque
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Callable, Deque, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional
 
 from .._template import Template
 from ._loop import Action, Loop
 from ._workers import Start, Task, Worker
+
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Sequence
 
 LOGGER = logging.getLogger("concurrent.futures")  # where Future logs its callbacks' errors
 # Calls of map() a worker holds at once (see _map.py): MAP_LOAD, or MAP_LOAD_FAST while its
@@ -97,7 +100,7 @@ class Pool(Loop):
             if worker.out:
                 self.wake()  # the loop waits for the socket to take the rest
 
-    def submit_many(self, tasks: List[Task]) -> None:
+    def submit_many(self, tasks: Sequence[Task]) -> None:
         """``submit`` for many tasks under one lock (``Executor.map``)."""
         if not tasks:
             return
@@ -294,10 +297,10 @@ class Pool(Loop):
             for worker in self.procs.values():
                 if worker.sock is not None:
                     worker.sock.close()
-                    worker.sock = None
+                    worker.sock = None  # type: ignore[assignment]  # see Worker.close_socket
                 if worker.pidfd is not None:
                     os.close(worker.pidfd)
-                    worker.pidfd = None
+                    worker.pidfd = None  # type: ignore[assignment]  # see Worker.reap
             for collection in (self.workers, self.procs, self.starts):
                 collection.clear()
             self.idle.clear()

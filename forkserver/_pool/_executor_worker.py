@@ -67,7 +67,7 @@ class Big:
     def __init__(self, data: Any) -> None:
         self.data = data
 
-    def __reduce_ex__(self, protocol: int) -> Any:
+    def __reduce_ex__(self, protocol: Any) -> Any:
         return type(self.data), (pickle.PickleBuffer(self.data),)
 
 

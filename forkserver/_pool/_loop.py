@@ -21,7 +21,7 @@ import threading
 import time
 from concurrent.futures import InvalidStateError
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from .. import _protocol as P
 from .._errors import WorkerDiedError
@@ -29,6 +29,11 @@ from .._fds import set_name as set_thread_name
 from .._wait import wait_readable
 from . import _executor_worker as W
 from ._workers import Start, Task, Worker, describe_exit
+
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Callable, Deque
+
+    from .._template import Template
 
 FAST_CALL = 0.001  # seconds: map calls this short stream deeper (see _dispatch.MAP_LOAD)
 
@@ -47,6 +52,40 @@ class Loop:
 
     FAIL = 100  # an action: fail the task's future with the exception in payload
     FAIL_QUEUED = 101  # the same for a task that never ran (it may have been cancelled)
+
+    if TYPE_CHECKING:  # what Pool (the one user of this mixin) provides
+        template: Template
+        owned: bool
+        config: dict
+        min_workers: int
+        idle_timeout: Optional[float]
+        on_event: Optional[Callable[[Any, Any], Any]]
+        lock: threading.Lock
+        queue: Deque[Task]
+        workers: Dict[int, Worker]
+        procs: Dict[int, Worker]
+        idle: List[Worker]
+        busy: List[Worker]
+        starts: Dict[int, Start]
+        writing: Optional[Worker]
+        broken: Optional[BrokenProcessPool]
+        shutdown: bool
+        deaths_in_a_row: int
+        retry_at: Optional[float]
+        finished: threading.Event
+        changed: threading.Condition
+        _wake_r: int
+        _wake_w: int
+        _woken: bool
+        _dirty: bool
+        thread_id: Optional[int]
+
+        def _break(self, reason: str, cause: Optional[BaseException],
+                   actions: List[Action]) -> None: ...
+        def _dispatch(self, prefer: Optional[Worker] = None) -> None: ...
+        def _retire(self, worker: Worker) -> None: ...
+        def _poison(self, worker: Worker) -> None: ...
+        def _wanted_starts(self) -> int: ...
 
     def _run(self) -> None:
         self.thread_id = threading.get_ident()

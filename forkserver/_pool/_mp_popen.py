@@ -43,7 +43,7 @@ class Popen:
     DupFd = DupFd
 
     def __init__(self, process_obj: Any, context: "TemplateContext") -> None:
-        util._flush_std_streams()
+        util._flush_std_streams()  # type: ignore[attr-defined]  # CPython's, not in typeshed
         self.returncode: Optional[int] = None
         self.finalizer: Any = None
         self.pid: Optional[int] = None
@@ -65,7 +65,7 @@ class Popen:
         stdio = _open_stdio()
         payload = io.BytesIO()
         header = (stdio, *context._env_changes())
-        reduction.pickle.dump(header, payload, protocol=reduction.pickle.HIGHEST_PROTOCOL)
+        reduction.pickle.dump(header, payload, protocol=reduction.pickle.HIGHEST_PROTOCOL)  # type: ignore[attr-defined]  # reduction's own pickle
         set_spawning_popen(self)
         try:
             reduction.dump(prep, payload)
@@ -170,7 +170,7 @@ def _started_anyway(process_obj: Any, popen: Popen) -> None:
 
     process_obj._popen = popen
     process_obj._sentinel = popen.sentinel
-    process._children.add(process_obj)
+    process._children.add(process_obj)  # type: ignore[attr-defined]  # CPython's, not in typeshed
 
 
 def _tracker_fd() -> int:
@@ -189,7 +189,7 @@ def _tracker_fd() -> int:
                 return fd
         except ChildProcessError:
             pass  # not ours (a forked copy of the process that started it)
-    return resource_tracker.getfd()
+    return resource_tracker.getfd()  # type: ignore[return-value]  # getfd() starts it: an fd
 
 
 def _open_stdio() -> List[int]:

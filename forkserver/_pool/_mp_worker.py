@@ -99,7 +99,7 @@ class TemplateProcess(process.BaseProcess):
         return (_new, (base,), *reduced[2:])
 
 
-def _new(cls: type) -> Any:
+def _new(cls: type[TemplateProcess]) -> Any:
     """Unpickle a context's process as an instance of ``cls`` (its importable base)."""
     return cls.__new__(cls)
 
@@ -157,36 +157,36 @@ def main(control: Any, rehearse: bool) -> None:
     drop_reserve()  # no more frames: the channel's spare fds go
     sentinel = control.detach()  # kept open until we exit: the parent sentinel
     try:
-        obj = _prepare(frame.payload, frame.fds)
+        obj = _prepare(frame.payload, frame.fds)  # type: ignore[union-attr]  # a blocking channel: never None
     except BaseException:
         _fail()
     # Exit as multiprocessing's children do since 3.13 (popen_fork,
     # forkserver): the template's atexit callbacks are not ours to run, the
     # child's own are, with multiprocessing's after everything else.
     atexit._clear()
-    atexit.register(util._exit_function)
+    atexit.register(util._exit_function)  # type: ignore[attr-defined]  # CPython's, not in typeshed
     code = obj._bootstrap(parent_sentinel=sentinel)
     atexit._run_exitfuncs()
-    util._flush_std_streams()
+    util._flush_std_streams()  # type: ignore[attr-defined]  # CPython's, not in typeshed
     os._exit(code)
 
 
 def _fail() -> "NoReturn":
     sys.excepthook(*sys.exc_info())
-    util._flush_std_streams()
+    util._flush_std_streams()  # type: ignore[attr-defined]  # CPython's, not in typeshed
     os._exit(1)
 
 
 def _prepare(payload: bytes, fds: List[int]) -> Any:
     """Apply the header, then the preparation data; return the unpickled process object."""
     stream = io.BytesIO(payload)
-    stdio, env_set, env_unset = reduction.pickle.load(stream)
+    stdio, env_set, env_unset = reduction.pickle.load(stream)  # type: ignore[attr-defined]  # reduction's own pickle
     tracker_fd, fds = fds[0], fds[1:]
     for target, fd in zip(stdio, fds):
         os.dup2(fd, target)
         os.close(fd)
     _inherited[:] = fds[len(stdio):]
-    resource_tracker._resource_tracker._fd = tracker_fd
+    resource_tracker._resource_tracker._fd = tracker_fd  # type: ignore[attr-defined]  # CPython's, not in typeshed
     for name in env_unset:
         os.environ.pop(name, None)
     os.environ.update(env_set)
@@ -197,8 +197,8 @@ def _load(stream: io.BytesIO) -> Any:
     """``spawn.prepare`` the preparation data of ``stream``, return its process object."""
     process.current_process()._inheriting = True  # type: ignore[attr-defined]
     try:
-        spawn.prepare(reduction.pickle.load(stream))
-        return reduction.pickle.load(stream)
+        spawn.prepare(reduction.pickle.load(stream))  # type: ignore[attr-defined]  # reduction's own pickle
+        return reduction.pickle.load(stream)  # type: ignore[attr-defined]  # reduction's own pickle
     finally:
         del process.current_process()._inheriting  # type: ignore[attr-defined]
 
@@ -249,8 +249,8 @@ def _load_stand_in() -> None:
 
 
 def _replace_stdin() -> None:
-    util._close_stdin()
+    util._close_stdin()  # type: ignore[attr-defined]  # CPython's, not in typeshed
     fd = sys.stdin.fileno()  # opened with closefd=False: close it, or it stays open
     sys.stdin.close()
     os.close(fd)
-    process._ParentProcess("rehearsal", os.getppid(), -1)
+    process._ParentProcess("rehearsal", os.getppid(), -1)  # type: ignore[attr-defined]  # CPython's, not in typeshed

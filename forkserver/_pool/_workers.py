@@ -59,10 +59,10 @@ class Start:
             clone._start_run(self.spec, self.call_id)
 
     def fileno(self) -> int:
-        return self.clone._chan.fileno()
+        return self.clone._chan.fileno()  # type: ignore[union-attr]  # the run is sent: it has one
 
     def wants_write(self) -> bool:
-        return self.clone._chan.pending_output
+        return self.clone._chan.pending_output  # type: ignore[union-attr]  # as fileno()
 
     def step(self) -> Optional["Worker"]:
         """Read what the socket has; the Worker once it runs (raises the fork's error).
@@ -83,8 +83,14 @@ class Start:
                 child = clone._finish_run(frame, self.target, False, None)
                 refilled = True
                 clone._refill_base(child)  # the template makes its next spare clone
+                if child._pidfd is None:  # exited and reaped by someone else already
+                    raise ReapedElsewhere(
+                        f"worker pid {child.pid} exited at once and its exit status was taken "
+                        "by someone else (SIGCHLD set to SIG_IGN, or a waitpid(-1) in this "
+                        "process): forkserver.Executor needs to reap its own workers"
+                    )
                 # ours to poll and reap: the Child is a shell (one statement)
-                worker, child._pidfd = Worker(child.pid, child.control, child._pidfd), None
+                worker, child._pidfd = Worker(child.pid, child.control, child._pidfd), None  # type: ignore[arg-type]  # a fresh run's Child has a control socket
                 clone._child = None
                 return worker
             except BaseException:
@@ -181,7 +187,7 @@ class Worker:
         """Close our end: the worker reads EOF and exits once its current call is done."""
         if self.sock is not None:
             self.sock.close()
-            self.sock = None
+            self.sock = None  # type: ignore[assignment]  # None once closed (see __init__)
             self.out.clear()
         self.accepting = False
 
@@ -203,7 +209,7 @@ class Worker:
             if code is None:  # pragma: no cover - the pidfd said it exited
                 return None
         os.close(self.pidfd)
-        self.pidfd = None
+        self.pidfd = None  # type: ignore[assignment]  # None once reaped (see __init__)
         return code
 
     @property

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-from typing import Any, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
 from .._async import AsyncChild, _any_ready, _fd_ready
 from .._errors import BrokenTemplateError, CalledProcessError
@@ -18,11 +18,16 @@ from .._template import Template, default_template
 from . import _spawn
 from ._stream import CLOSE_GRACE, STOP_GRACE, _Pump, input_source, spawn_args
 
+if TYPE_CHECKING:  # pragma: no cover
+    from .._fds import FdChannel
+
 __all__ = ["AsyncStream", "spawn", "stream"]
 
 
 async def spawn(argv: Any, *, template: Optional[Template] = None, **kwargs: Any) -> AsyncChild:
     """``forkserver.spawn`` without blocking the loop on the template's reply."""
+    plan: Optional[_spawn._Plan]
+    reply: Optional[FdChannel]
     plan = reply = None
     tpl = template
     try:

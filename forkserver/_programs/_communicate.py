@@ -51,7 +51,7 @@ class _State:
         for stream in (child.stdout, child.stderr):
             if stream is not None and not stream.closed:
                 self.streams[stream.fileno()] = stream
-        self.stdin = child.stdin if child.stdin is not None and not child.stdin.closed else None
+        self.stdin: Any = child.stdin if child.stdin is not None and not child.stdin.closed else None
         if self.stdin is not None:
             try:
                 self.stdin.flush()  # what the caller wrote before us goes first

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 from subprocess import DEVNULL, PIPE, STDOUT
-from typing import IO, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import IO, TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .. import _protocol as P
 from .._default import _default
@@ -33,6 +33,9 @@ from .._slots import region, settle
 from .._template import Template, default_template
 from .._wait import wait_readable
 from ._communicate import communicate
+
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import NoReturn
 
 __all__ = ["CalledProcessError", "spawn"]
 
@@ -90,7 +93,8 @@ class _Plan:
             os.close(fds.pop())
         for i, fd in enumerate(self.ours):
             if fd is not None:
-                self.ours[i] = os.close(fd)  # os.close returns None: closed and forgotten at once
+                # os.close returns None: closed and forgotten at once
+                self.ours[i] = os.close(fd)  # type: ignore[func-returns-value]
 
 
 
@@ -160,7 +164,7 @@ def _caller_cwd() -> bytes:
 def _fd_of(handle: Any, name: str) -> int:
     if isinstance(handle, bool) or not isinstance(handle, int):
         try:
-            handle = handle.fileno()
+            handle = handle.fileno()  # type: ignore[union-attr]  # a bool has none: TypeError below
         except (AttributeError, ValueError, OSError) as exc:
             raise TypeError(
                 f"spawn(): {name}={handle!r} is not an fd, a file object with fileno() or one of "
@@ -212,7 +216,8 @@ def _default_encoding() -> str:
         here = os.path.dirname(__file__)
         while frame is not None and os.path.dirname(frame.f_code.co_filename) == here:
             frame, level = frame.f_back, level + 1
-        warnings.warn("'encoding' argument not specified.", EncodingWarning, level)  # noqa: F821
+        # EncodingWarning: a builtin since 3.10, as is the flag
+        warnings.warn("'encoding' argument not specified.", EncodingWarning, level)  # type: ignore[name-defined]  # noqa: F821
     if sys.flags.utf8_mode:
         return "utf-8"
     import locale
@@ -376,7 +381,7 @@ def read_reply(tpl: Any, reply: FdChannel) -> Frame:
         return frame
 
 
-def _template_died(tpl: Any, reply: FdChannel) -> None:
+def _template_died(tpl: Any, reply: FdChannel) -> NoReturn:
     """No reply: the template died.  Kill and reap what it started, raise BrokenTemplateError."""
     abandon(tpl, reply)
     with tpl._lock:

@@ -99,8 +99,8 @@ class _Pump:
         # Nothing but stdout to service: a blocking read is all next() needs,
         # and saves the EAGAIN + poll when we read faster than the program writes.
         self.blocking = blocking_out and self.inp is None and self.err is None
-        self.out: Optional[int] = (
-            child.stdout.fileno() if self.blocking else _nonblocking(child.stdout)
+        self.out: Optional[int] = (  # (a stream always pipes stdout)
+            child.stdout.fileno() if self.blocking else _nonblocking(child.stdout)  # type: ignore[union-attr]
         )
         self.pending = pending if pending is not None else memoryview(b"")
         self.source = source  # () -> bytes or None; None: nothing more than pending

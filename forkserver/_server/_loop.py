@@ -166,8 +166,8 @@ def _dispatch(state: State, frame: Frame) -> Optional[Work]:
         return _malformed(state, frame, str(exc))
     if frame.fds:
         _close_fds(frame.fds)
-        exc = ProtocolError(f"a {P.NAMES[kind]} command came with {len(frame.fds)} fds")
-        state.broken = state.broken or P.encode_error(exc, P.NAMES[kind])
+        exc = ProtocolError(f"a {P.NAMES[kind]} command came with {len(frame.fds)} fds")  # type: ignore[misc]
+        state.broken = state.broken or P.encode_error(exc, P.NAMES[kind])  # type: ignore[misc]  # a new exc: the except's was deleted
     if state.broken is not None:
         state.chan.send(P.ERROR, P.with_call(call_id, state.broken))
         return None
@@ -190,7 +190,7 @@ def _dispatch(state: State, frame: Frame) -> Optional[Work]:
     return None
 
 
-def _malformed(state: State, frame: Frame, why: str) -> None:
+def _malformed(state: State, frame: Frame, why: str) -> Optional[Work]:  # None: _dispatch returns it
     """Refuse a frame that does not follow the protocol: close its fds, break the template."""
     _close_fds(frame.fds)
     if state.broken is None:
@@ -278,7 +278,7 @@ def finish(code: int) -> "NoReturn":
         # Each step only when there is something to do: a worker that started
         # no thread and registered nothing exits without touching more pages.
         if threading is not None and threading.active_count() > 1:
-            threading._shutdown()  # type: ignore[attr-defined]
+            threading._shutdown()
         if atexit._ncallbacks():
             atexit._run_exitfuncs()
     finally:

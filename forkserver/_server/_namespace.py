@@ -31,7 +31,7 @@ def install() -> dict:
     sys.modules[NAME] = module
     package = sys.modules.get("forkserver")
     if package is not None:
-        package.template = module  # so `from forkserver import template` finds it
+        package.template = module  # type: ignore[attr-defined]  # so `from forkserver import template` finds it
     return module.__dict__
 
 
