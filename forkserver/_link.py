@@ -40,7 +40,7 @@ from ._fds import FdChannel, Frame
 from ._interrupts import allowed, deferred
 from ._reaper import reaper
 from ._slots import settle
-from ._wait import GONE, ReapedElsewhere, open_pidfd, reap_pidfd, wait_channel, wait_readable
+from ._wait import ReapedElsewhere, open_pidfd, reap_pidfd, wait_channel, wait_readable
 
 CLOSE_GRACE = 5.0  # seconds a closed or broken template gets to exit before SIGKILL
 WAIT = object()  # _step: nothing complete yet, wait for the socket
@@ -355,7 +355,7 @@ def _pidfd_or_none(pid: int) -> Optional[int]:
     Only SIGCHLD=SIG_IGN (the kernel reaps at exit) or the caller's own
     ``waitpid(-1)`` can take our child's status: a worker that exits at once
     may be gone before its RUNNING reply is read.  Its ``Child`` then says so
-    (``ReapedElsewhereError``) on ``wait()``.
+    (``ReapedElsewhereError``) on ``wait()``.  One statement: the caller's
+    assignment owns the pidfd the moment it exists.
     """
-    pidfd = open_pidfd(pid, gone_ok=True)
-    return None if pidfd == GONE else pidfd
+    return open_pidfd(pid, gone_ok=True, gone=None)

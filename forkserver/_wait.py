@@ -13,7 +13,7 @@ import os
 import select
 import signal
 import time
-from typing import Optional
+from typing import Any, Optional
 
 from ._errors import PidfdUnavailableError, ReapedElsewhereError
 from ._fds import FdChannel
@@ -24,19 +24,19 @@ MIN_KERNEL = "5.3"
 GONE = -1  # open_pidfd(gone_ok=True): the child was reaped by someone else already
 
 
-def open_pidfd(pid: int, gone_ok: bool = False) -> int:
+def open_pidfd(pid: int, gone_ok: bool = False, gone: Any = GONE) -> Any:
     """A pidfd for our child ``pid`` (close-on-exec).
 
     Our child exists until *we* reap it (a zombie still has its pid), so
     ESRCH means someone else did -- with SIGCHLD at SIG_IGN the kernel does,
-    the moment a child exits.  ``gone_ok``: return ``GONE`` then, and let
-    ``wait()`` report the lost status, instead of raising here.
+    the moment a child exits.  ``gone_ok``: return ``gone`` (``GONE``) then,
+    and let ``wait()`` report the lost status, instead of raising here.
     """
     try:
         return os.pidfd_open(pid)
     except ProcessLookupError:
         if gone_ok:
-            return GONE
+            return gone
         raise
     except AttributeError:  # pragma: no cover - Python built without it
         raise PidfdUnavailableError(

@@ -72,7 +72,7 @@ class _Tracer:
             self.target is not None
             and self.events >= self.target
             and not _in_finalizer(frame)
-            and not (self.mode == "raise" and _unrealistic(frame))
+            and not (self.mode in ("raise", "signal") and _unrealistic(frame))
             and not (self.mode == "raise" and self.task is not None and _current_task() is not self.task)
         ):
             self.fired = True
@@ -104,8 +104,11 @@ def _unrealistic(frame) -> bool:
     ``with`` block's ``__exit__``, which carries the ``with`` line again
     (raising there leaves the lock held).  Real code raises neither: a NOP
     raises nothing, and Python offers no way to guard the ``__exit__`` call
-    itself.  Raising waits for the next line instead; a Ctrl-C (mode
-    ``signal``) is delivered at a real instruction anyway.
+    itself.  Raising waits for the next line instead.  Mode ``signal`` skips
+    them too: ``signal.raise_signal`` runs the handler at once, inside the
+    trace function, so a handler that raises (inside ``allowed()``) would
+    raise at that very event -- where a real signal is never handled, as the
+    interpreter checks for signals at calls and backward jumps only.
     """
     code = frame.f_code
     table = _starts.get(code)

@@ -207,22 +207,32 @@ def report_fd_table(control, *args):
     send_obj(control, globals().get("TABLE"))
 
 
-def interrupt_parent_then_sleep(seconds):
-    """Unpickled in a template (``send_arg(InterruptWhenLoaded(s))``): Ctrl-C the test, stay busy."""
+def interrupt_parent_when_released(inode, seconds):
+    """In a template: wait for a byte on the pipe ``inode`` (sent with ``send_fh``), then
+    Ctrl-C the test process and stay busy ``seconds``."""
     import time
 
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == f"pipe:[{inode}]":
+                os.read(int(name), 1)  # the test writes it once it is where it wants the Ctrl-C
+                break
+        except OSError:
+            continue
     os.kill(int(os.environ.get("FORKSERVER_TEST_PARENT", os.getppid())), signal.SIGINT)
     time.sleep(seconds)
 
 
-class InterruptWhenLoaded:
-    """A value whose unpickling in a template sends SIGINT to the test process, then takes a while."""
+class InterruptWhenReleased:
+    """A value whose unpickling in a template waits for a byte on a pipe, then sends SIGINT
+    to the test process and takes a while (so the Ctrl-C lands exactly where the test says)."""
 
-    def __init__(self, seconds):
+    def __init__(self, read_end, seconds):
+        self.inode = os.fstat(read_end).st_ino
         self.seconds = seconds
 
     def __reduce__(self):
-        return (interrupt_parent_then_sleep, (self.seconds,))
+        return (interrupt_parent_when_released, (self.inode, self.seconds))
 
 
 def refuse_to_load():

@@ -193,15 +193,32 @@ def test_item4_ctrl_c_while_a_spare_imports_the_target_kills_and_reaps_the_worke
 
 
 def test_item4_ctrl_c_during_close_still_closes_and_reaps(monkeypatch):
-    from ._workers import InterruptWhenLoaded
+    from forkserver._link import Link
+
+    from ._workers import InterruptWhenReleased
 
     monkeypatch.setenv("FORKSERVER_TEST_PARENT", str(os.getpid()))
+    r, w = os.pipe()
     tpl = Template().require(W)
-    # A pipelined argument whose unpickling in the template Ctrl-C's us and
-    # keeps the template busy: close() waits for its exit, and is interrupted.
-    tpl.send_arg(InterruptWhenLoaded(0.5))
-    with pytest.raises(KeyboardInterrupt):
-        tpl.close()
+    # A pipelined argument whose unpickling in the template waits for a byte on
+    # the pipe, then Ctrl-C's us and keeps the template busy; the byte is
+    # written as close() begins ending the process, which close() then waits
+    # for, and is interrupted there.
+    tpl.send_fh(r).send_arg(InterruptWhenReleased(r, 0.5))
+    os.close(r)
+    real = Link._end_process
+
+    def release_then_end(self, waited):
+        if self is tpl:
+            os.write(w, b"x")
+        return real(self, waited)
+
+    monkeypatch.setattr(Link, "_end_process", release_then_end)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tpl.close()
+    finally:
+        os.close(w)
     assert "closed" in repr(tpl)
     tpl.close()  # nothing left to do
     assert reaper.wait_idle(20)
