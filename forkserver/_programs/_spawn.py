@@ -467,28 +467,29 @@ def spawn_from(tpl: Any, plan: _Plan, retry_default: bool = False) -> Child:
     ``retry_default``: ``tpl`` is the default template; if it turns out dead
     before it started anything, start a new one and send once more.
     """
-    with deferred():
-        reply = None
-        try:
-            for attempt in (1, 2):
-                tpl, reply = _send_retrying(tpl, plan, retry_default)
-                try:
-                    frame = read_reply(tpl, reply)
-                except BrokenTemplateError:  # read_reply handed the reply over already
-                    if attempt == 2 or not retry_default or reply.peer_pid is not None:
-                        raise
-                    # It died before it started anything: once more, on a new default template.
-                    tpl = default_template()
-                    continue
-                close_sent(plan)  # the program has its own copies now
-                return finish(plan, frame, reply)
-            raise AssertionError("unreachable")
-        except BaseException:
-            if reply is not None:
-                abandon(tpl, reply)  # Ctrl-C: what it started is killed and reaped
-            raise
-        finally:
-            plan.discard()
+    try:  # its first statement: nothing can fail before the plan is in hand
+        with deferred():
+            reply = None
+            try:
+                for attempt in (1, 2):
+                    tpl, reply = _send_retrying(tpl, plan, retry_default)
+                    try:
+                        frame = read_reply(tpl, reply)
+                    except BrokenTemplateError:  # read_reply handed the reply over already
+                        if attempt == 2 or not retry_default or reply.peer_pid is not None:
+                            raise
+                        # It died before it started anything: once more, on a new default template.
+                        tpl = default_template()
+                        continue
+                    close_sent(plan)  # the program has its own copies now
+                    return finish(plan, frame, reply)
+                raise AssertionError("unreachable")
+            except BaseException:
+                if reply is not None:
+                    abandon(tpl, reply)  # Ctrl-C: what it started is killed and reaped
+                raise
+    finally:
+        plan.discard()
 
 
 def _send_retrying(tpl: Any, plan: _Plan, retry_default: bool) -> Tuple[Any, FdChannel]:
@@ -566,7 +567,6 @@ def spawn(
         )
         try:
             tpl = default_template() if template is None else template
-        except BaseException:
-            plan.discard()
-            raise
-        return spawn_from(tpl, plan, retry_default=template is None)
+            return spawn_from(tpl, plan, retry_default=template is None)
+        finally:
+            plan.discard()  # what is left of it, if spawn_from never got it (it discards it too)
