@@ -31,6 +31,10 @@ Kernel facts this relies on (net/unix/af_unix.c, unix_stream_read_generic):
   lists are split over several carriers.
 
 Channels are not thread-safe; callers serialise access.
+
+Size (~600 lines): one state machine -- a channel's send queue and its three receive
+cursors, with the sentinel reserve that guards every receive -- split it and each half
+would reach into the other's state.
 """
 from __future__ import annotations
 

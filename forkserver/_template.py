@@ -24,6 +24,10 @@ while it waits, or when it ends -- and leaves:
 Any other exception in the middle of a call (``MemoryError``) leaves the
 template either usable or broken (``BrokenTemplateError`` on its next use,
 its process reaped); never a reply out of step, a lost pid or a double close.
+
+Size (~550 lines): about half is the docstrings of ``Template``'s verbs, which are the
+reference the docs render; the mechanics live in ``_link``, ``_running`` and
+``_cloning``.
 """
 from __future__ import annotations
 

@@ -10,6 +10,9 @@ marks the state dirty, and the loop recomputes what to do from it.
 Only this thread reads sockets, closes descriptors and reaps.  A worker is
 known dead from its pidfd, never from a closed socket alone (a grandchild
 may hold it open); whatever it sent before dying still counts.
+
+Size (~480 lines): the executor's one I/O loop -- poll, read, write, reap, replace --
+whose steps share its state; ``_dispatch`` and ``_workers`` hold the rest.
 """
 from __future__ import annotations
 

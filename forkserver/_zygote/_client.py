@@ -18,6 +18,9 @@ Importable as ``forkserver._zygote._client`` (the console script) and as a
 top-level ``_client`` (the launcher: ``python -IS``, no ``site``, no package
 import; see ``forkserver launcher``).  ``python -X importtime`` of either
 shows only ``_socket`` and this room's two modules.
+
+Size (~470 lines): the client runs under ``python -IS`` and imports nothing of the
+package beyond ``_wire``, so it cannot share the helpers the rest of forkserver uses.
 """
 import _signal
 import posix
