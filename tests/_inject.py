@@ -92,7 +92,7 @@ class _Tracer:
 # ``try:`` lines), and 3.9/3.10's set-up of a ``try``/``with`` block.
 _CANNOT_RAISE = {"NOP", "SETUP_FINALLY", "SETUP_WITH", "SETUP_ASYNC_WITH", "RETURN_CONST"}
 _LOADS = {"LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_DEREF", "LOAD_CONST"}
-_starts: dict = {}  # code object -> {offset: (opname, argval) of it and the next two}
+_starts: dict = {}  # code object -> {offset: (opname, argval) of it and the next three}
 
 
 def _unrealistic(frame) -> bool:
@@ -115,7 +115,7 @@ def _unrealistic(frame) -> bool:
     if table is None:
         ops = [(i.offset, i.opname, i.argval) for i in dis.get_instructions(code)]
         table = _starts[code] = {
-            off: [(op, val) for _, op, val in ops[k : k + 3]] for k, (off, _, _) in enumerate(ops)
+            off: [(op, val) for _, op, val in ops[k : k + 4]] for k, (off, _, _) in enumerate(ops)
         }
     seq = table.get(frame.f_lasti, [])
     if seq and seq[0][0] in _CANNOT_RAISE:
@@ -123,6 +123,9 @@ def _unrealistic(frame) -> bool:
     ops = [op for op, _ in seq]
     if len(ops) >= 2 and ops[0] in _LOADS and ops[1] == "RETURN_VALUE":
         return True  # "return x": it cannot fail once the line is reached
+    if seq and seq[0][0] == "SWAP":  # a ``return`` inside the block: its value moved under __exit__
+        seq = seq[1:]
+    seq = seq[:3]
     return len(seq) == 3 and all(op == "LOAD_CONST" and val is None for op, val in seq)
 
 
