@@ -66,12 +66,14 @@ class Child:
         self.errors: Optional[str] = None
         self.text_mode = False
         self.returncode: Optional[int] = None
-        if pidfd is None:
-            pidfd = open_pidfd(pid, gone_ok=True)
-        # GONE: reaped by someone else already (SIGCHLD=SIG_IGN): wait() says so
-        self._pidfd: Optional[int] = None if pidfd == GONE else pidfd
         self._lock = threading.Lock()
         self._waiters = 0  # threads polling the pidfd right now
+        # Last, and in one statement: the Child owns the pidfd from the statement
+        # that opens or takes it (an error before leaves it with the caller).
+        # None: reaped by someone else already (SIGCHLD=SIG_IGN): wait() says so.
+        # (One line, too: a statement over several lines has a line event at each.)
+        taken: Optional[int] = None if pidfd == GONE else pidfd
+        self._pidfd: Optional[int] = open_pidfd(pid, gone_ok=True, gone=None) if taken is None else taken
 
     def __repr__(self) -> str:
         return f"<forkserver.Child pid={self.pid} {self._state()}>"
