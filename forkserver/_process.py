@@ -8,8 +8,9 @@ import socket
 import threading
 from typing import IO, Any, Callable, Iterator, Optional, Sequence, Tuple
 
+from ._errors import ReapedElsewhereError
 from ._interrupts import deferred
-from ._wait import GONE, open_pidfd, reap_now, wait_readable
+from ._wait import GONE, lost_status, open_pidfd, wait_readable
 
 
 class Child:
@@ -68,6 +69,7 @@ class Child:
         self.returncode: Optional[int] = None
         self._lock = threading.Lock()
         self._waiters = 0  # threads polling the pidfd right now
+        self._waited: Optional[Tuple[int, int]] = None  # what waitpid(WNOHANG) said last
         # Last, and in one statement: the Child owns the pidfd from the statement
         # that opens or takes it (an error before leaves it with the caller).
         # None: reaped by someone else already (SIGCHLD=SIG_IGN): wait() says so.
@@ -89,12 +91,6 @@ class Child:
                 return f"killed by signal {-code}"
         return f"exited {code}"
 
-    def _reaped(self, code: Optional[int]) -> Optional[int]:  # lock held
-        if code is not None and self.returncode is None:
-            self.returncode = code
-        self._release_pidfd()
-        return self.returncode
-
     def _release_pidfd(self) -> None:  # lock held
         # Close the pidfd once reaped, but never under a thread polling it:
         # its number could be reused by an unrelated fd meanwhile.
@@ -105,10 +101,20 @@ class Child:
     def poll(self) -> Optional[int]:
         """The returncode if the process has exited (reaping it), else None."""
         # Ctrl-C deferred: between the waitpid and storing its status, it would lose the status.
+        # And the waitpid's result is stored by the statement that calls it, so
+        # an error striking in between (a MemoryError) loses nothing either:
+        # the next poll() finishes the job from the stored record.
         with deferred(), self._lock:
-            if self.returncode is not None:
-                return self.returncode
-            return self._reaped(reap_now(self.pid))
+            if self.returncode is None:
+                if self._waited is None or self._waited[0] == 0:
+                    try:
+                        self._waited = os.waitpid(self.pid, os.WNOHANG)
+                    except ChildProcessError:
+                        raise ReapedElsewhereError(lost_status(self.pid)) from None
+                if self._waited[0] != 0:
+                    self.returncode = os.waitstatus_to_exitcode(self._waited[1])
+            self._release_pidfd()
+            return self.returncode
 
     @property
     def universal_newlines(self) -> bool:

@@ -152,7 +152,7 @@ def reap_now(pid: int) -> Optional[int]:
         try:
             got, status = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
-            raise ReapedElsewhereError(_lost_status(pid)) from None
+            raise ReapedElsewhereError(lost_status(pid)) from None
         except InterruptedError:  # pragma: no cover - PEP 475 retries already
             continue
         if got == 0:
@@ -160,7 +160,7 @@ def reap_now(pid: int) -> Optional[int]:
         return os.waitstatus_to_exitcode(status)
 
 
-def _lost_status(pid: int) -> str:
+def lost_status(pid: int) -> str:
     """Why the exit status of our child ``pid`` is gone, and what to do about it."""
     if signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN:
         return (

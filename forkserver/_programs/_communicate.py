@@ -61,11 +61,11 @@ class _State:
                 self._close_stdin()
 
     def _close_stdin(self) -> None:
+        """The program sees the end of its input; stdin is closed and forgotten at once."""
         try:
-            self.stdin.close()  # the program sees the end of its input
-        except BrokenPipeError:
-            pass  # it exited without reading everything: not an error
-        self.stdin = None
+            self.stdin = self.stdin.close()  # close() returns None
+        except BrokenPipeError:  # it exited without reading everything: not an error
+            self.stdin = None  # (the file is closed all the same)
 
     @property
     def pending(self) -> bool:
@@ -74,6 +74,8 @@ class _State:
 
     def step(self, timeout: Optional[float]) -> bool:
         """Wait up to ``timeout`` and move whatever is ready; False if nothing moved."""
+        if self.stdin is not None and self.stdin.closed:
+            self.stdin = None  # an error cut _close_stdin short after the close
         poller = select.poll()
         for fd in self.streams:
             poller.register(fd, select.POLLIN)
