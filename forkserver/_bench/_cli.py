@@ -11,7 +11,7 @@ from typing import List
 
 # How long a run takes, measured on our 2-vCPU machine: the one place it is
 # stated (docs/benchmarks.md shows this string; the run prints its own time).
-TYPICAL_RUN = "about 10 s on 2 CPUs (--quick: about 2 s)"
+TYPICAL_RUN = "about 2 minutes on 2 CPUs (--quick: about 20 s)"
 
 BENCH_HELP = f"""\
 Side-by-side numbers on this machine, in one run (contenders interleaved
