@@ -441,18 +441,23 @@ class FdChannel:
             self._cur, _NO_CURSORS, _CURSORS_SIZE
         )
 
+    def _recv(self, buf, length: int, fds, want: int, cur) -> int:
+        """One ``fdp_recv`` (EINTR retried): its byte count, or -1 for EAGAIN; raises on errors."""
+        while True:
+            n = lib.fdp_recv(self._fd, buf, length, fds, want, cur, 0)
+            if n >= 0:
+                return n
+            err = ffi.errno
+            if err in (errno.EAGAIN, errno.EWOULDBLOCK):
+                return -1
+            if err != errno.EINTR:
+                _raise_errno("recvmsg", self)
+
     def _read(self, buf, length: int, cur) -> bool:
         """One recvmsg into what is left of ``buf``; False for EAGAIN; raises on EOF/errors."""
-        while True:
-            n = lib.fdp_recv(self._fd, buf, length, ffi.NULL, 0, cur, 0)
-            if n >= 0:
-                break
-            err = ffi.errno
-            if err == errno.EINTR:
-                continue
-            if err in (errno.EAGAIN, errno.EWOULDBLOCK):
-                return False
-            _raise_errno("recvmsg", self)
+        n = self._recv(buf, length, ffi.NULL, 0, cur)
+        if n < 0:
+            return False
         if cur.flags & _MSG_CTRUNC:  # the kernel closed fds sent with bytes we read
             self._fail("fds were attached to frame bytes, not to a carrier")
         if n == 0:
@@ -501,16 +506,9 @@ class FdChannel:
 
     def _read_fds(self, length: int, want: int, car) -> bool:
         """One recvmsg of a carrier byte with up to ``want`` fds; False for EAGAIN."""
-        while True:
-            n = lib.fdp_recv(self._fd, self._carriers, length, self._rx, want, car, 0)
-            if n >= 0:
-                break
-            err = ffi.errno
-            if err == errno.EINTR:
-                continue
-            if err in (errno.EAGAIN, errno.EWOULDBLOCK):
-                return False
-            _raise_errno("recvmsg", self)
+        n = self._recv(self._carriers, length, self._rx, want, car)
+        if n < 0:
+            return False
         if car.flags & _MSG_CTRUNC:
             self._fail("fds were truncated (MSG_CTRUNC): more than announced, or lost")
         if n == 0:

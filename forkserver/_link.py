@@ -358,4 +358,4 @@ def _pidfd_or_none(pid: int) -> Optional[int]:
     (``ReapedElsewhereError``) on ``wait()``.  One statement: the caller's
     assignment owns the pidfd the moment it exists.
     """
-    return open_pidfd(pid, gone_ok=True, gone=None)
+    return open_pidfd(pid, gone_ok=True)

@@ -10,7 +10,7 @@ from typing import IO, Any, Callable, Iterator, Optional, Sequence, Tuple
 
 from ._errors import ReapedElsewhereError
 from ._interrupts import deferred
-from ._wait import GONE, lost_status, open_pidfd, wait_readable
+from ._wait import lost_status, open_pidfd, wait_readable
 
 
 class Child:
@@ -74,8 +74,7 @@ class Child:
         # that opens or takes it (an error before leaves it with the caller).
         # None: reaped by someone else already (SIGCHLD=SIG_IGN): wait() says so.
         # (One line, too: a statement over several lines has a line event at each.)
-        taken: Optional[int] = None if pidfd == GONE else pidfd
-        self._pidfd: Optional[int] = open_pidfd(pid, gone_ok=True, gone=None) if taken is None else taken
+        self._pidfd: Optional[int] = open_pidfd(pid, gone_ok=True) if pidfd is None else pidfd
 
     def __repr__(self) -> str:
         return f"<forkserver.Child pid={self.pid} {self._state()}>"

@@ -21,22 +21,19 @@ from ._fds import FdChannel
 MIN_KERNEL = "5.3"
 
 
-GONE = -1  # open_pidfd(gone_ok=True): the child was reaped by someone else already
-
-
-def open_pidfd(pid: int, gone_ok: bool = False, gone: Any = GONE) -> Any:
+def open_pidfd(pid: int, gone_ok: bool = False) -> Any:
     """A pidfd for our child ``pid`` (close-on-exec).
 
     Our child exists until *we* reap it (a zombie still has its pid), so
     ESRCH means someone else did -- with SIGCHLD at SIG_IGN the kernel does,
-    the moment a child exits.  ``gone_ok``: return ``gone`` (``GONE``) then,
-    and let ``wait()`` report the lost status, instead of raising here.
+    the moment a child exits.  ``gone_ok``: return None then, and let
+    ``wait()`` report the lost status, instead of raising here.
     """
     try:
         return os.pidfd_open(pid)
     except ProcessLookupError:
         if gone_ok:
-            return gone
+            return None
         raise
     except AttributeError:  # pragma: no cover - Python built without it
         raise PidfdUnavailableError(
