@@ -28,6 +28,13 @@ def _ignored(pid: int) -> int:
         return int(f.read().split("SigIgn:")[1].split()[0], 16)
 
 
+def _running(child) -> None:
+    """Wait for ``ready_then_wait``'s byte: the worker's function runs, its signals are set."""
+    child.control.setblocking(True)
+    child.control.settimeout(20)
+    assert child.control.recv(1) == b"r"
+
+
 def _bit(sig: int) -> int:
     return 1 << (sig - 1)
 
@@ -52,8 +59,9 @@ def test_a_template_ignores_hangup_and_ctrl_c_while_waiting():
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGINT])
 def test_a_worker_dies_of_a_hangup_or_ctrl_c_as_python_would(sig):
     with Template() as tpl:
-        child = tpl.fork().run(f"{W}:wait_for_eof")
+        child = tpl.fork().run(f"{W}:ready_then_wait")
     try:
+        _running(child)  # run() returns before the worker has set its signals up
         assert _ignored(child.pid) & (_bit(signal.SIGHUP) | _bit(signal.SIGINT)) == 0
         os.kill(child.pid, sig)
         # SIGINT: KeyboardInterrupt, then Python ends the process with SIGINT
@@ -89,7 +97,10 @@ def test_workers_of_a_template_started_under_nohup_keep_ignoring_sighup():
         import signal, forkserver
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         with forkserver.Template.new_exec() as tpl:
-            child = tpl.fork().run("{W}:wait_for_eof")
+            child = tpl.fork().run("{W}:ready_then_wait")
+        child.control.setblocking(True)
+        child.control.settimeout(20)
+        assert child.control.recv(1) == b"r"  # its function runs: its signals are set up
         with open(f"/proc/{{child.pid}}/status") as f:
             mask = int(f.read().split("SigIgn:")[1].split()[0], 16)
         child.control.close()
